@@ -1,0 +1,45 @@
+# fmray: `make quickstart` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_VERSION := 2.13.0
+
+export HF_HUB_OFFLINE := 1
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fmray/torch_extensions
+
+.PHONY: install quickstart test test-unit test-ray lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/fmray tokenizer --config jobs/pretrain/tiny.yaml
+	$(BIN)/fmray pretrain --config jobs/pretrain/tiny.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

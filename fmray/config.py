@@ -1,0 +1,270 @@
+"""Typed configs shared by every recipe: YAML file + dotted overrides, strict validation.
+
+    fmray pretrain --config jobs/pretrain/tiny.yaml train.max_steps=50 zero.stage=3
+
+Every section forbids unknown keys. An invalid config raises `ConfigError` with one line that
+names the dotted key, the bad value and what is allowed, before any Ray resource is requested.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """One-line, user-facing config error."""
+
+
+class Section(BaseModel):
+    """Base of all config sections: strict, documented by attribute docstrings."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class RunSection(Section):
+    name: str = "run"
+    """Run name: outputs go to <output_dir>/<name>/. Reusing a name resumes that run."""
+    output_dir: str = "runs"
+    """Folder (or cloud URI, through Ray Train's storage_path) that holds every run."""
+    seed: int = 0
+    """Seed for model init, data order and sampling."""
+
+
+class ModelSection(Section):
+    preset: str | None = "tiny"
+    """Preset name from fmray.models.PRESETS (tiny, small, llama-125m, llama-1b, llama-7b)."""
+    path: str | None = None
+    """Local HF causal-LM directory to start from (overrides preset)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        from fmray.models.registry import PRESETS
+
+        if self.path is None and self.preset is None:
+            raise ValueError("model.preset or model.path must be set")
+        if self.path is None and self.preset not in PRESETS:
+            raise ValueError(
+                f"model.preset={self.preset!r} is unknown (allowed: {', '.join(PRESETS)})"
+            )
+        return self
+
+
+class DataSection(Section):
+    source: str = "synthetic"
+    """'synthetic' (built-in corpus) or a .txt/.jsonl/.parquet file or folder of them."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl / .parquet sources."""
+    num_documents: int = Field(2000, ge=1)
+    """Documents generated for the synthetic corpus."""
+    seq_len: int = Field(128, ge=8)
+    """Tokens per packed training block."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Fraction of documents held out for validation loss."""
+    tokenizer: str | None = None
+    """HF tokenizer directory; unset: train a byte-level BPE on the corpus into the run dir."""
+    vocab_size: int = Field(512, ge=260)
+    """Vocabulary size when fmray trains the tokenizer."""
+    cache_dir: str | None = None
+    """Keep packed parquet blocks here so later runs skip tokenization (default: run dir)."""
+
+
+class TrainSection(Section):
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps to run."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Blocks per worker per forward pass."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Cosine decay floor as a fraction of lr."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global grad norm to this value (0 disables)."""
+    bf16: bool = False
+    """Train in bf16 mixed precision (GPU; fp32 on CPU is exact)."""
+    log_every: int = Field(1, ge=1)
+    """Log metrics every N steps."""
+    eval_every: int = Field(0, ge=0)
+    """Validation loss every N steps (0: only at the end)."""
+    eval_batches: int = Field(4, ge=1)
+    """Micro-batches per worker per validation pass."""
+
+
+class ZeroSection(Section):
+    stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 0 (DDP), 1 (optimizer), 2 (+grads), 3 (+params)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (needs stage >= 1)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (needs stage 3)."""
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> ZeroSection:
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("zero.offload_optimizer=true needs zero.stage in 1, 2, 3 (got 0)")
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"zero.offload_params=true needs zero.stage=3 (got {self.stage})")
+        return self
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    resume: str = "auto"
+    """'auto' (newest complete checkpoint of this run), 'never', or a checkpoint directory."""
+    export_hf: bool = True
+    """Write an HF export (safetensors, config, tokenizer) into each checkpoint."""
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one DeepSpeed rank each)."""
+    use_gpu: bool = False
+    """One GPU per worker, nccl; otherwise CPU and gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per worker."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts from the newest checkpoint (-1: unlimited)."""
+
+
+class LoggingSection(Section):
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run dir>/tensorboard."""
+    progress: bool = True
+    """Print a progress line on rank 0."""
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['train.lr=3e-4', 'zero.stage=3'] into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return nested
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """YAML file (optional) + dotted overrides -> validated config, or one-line ConfigError."""
+    data = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return validate_config(cls, data)
+
+
+def validate_config(cls: type[C], data: dict[str, Any]) -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(cls, err)) from None
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(allowed_keys(cls, first["loc"][:-1]))
+        return f"config error: unknown key {key}={value!r} (allowed here: {allowed})"
+    if first["type"] == "value_error" and not first["loc"] or isinstance(value, dict):
+        return f"config error: {msg}"
+    return f"config error: {key}={value!r}: {msg}"
+
+
+def allowed_keys(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        model = section_type(field.annotation) if field else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The Section class inside an annotation like `LoraSection | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def describe_config(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per key: dotted name, type, default and meaning (for --help)."""
+    lines: list[str] = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = section_type(field.annotation)
+        if sub is not None:
+            lines.extend(describe_config(sub, prefix=f"{key}."))
+            continue
+        type_name = getattr(field.annotation, "__name__", str(field.annotation))
+        type_name = str(type_name).replace("typing.", "")
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {key} ({type_name}, default {default!r}): {field.description or ''}")
+    return lines
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def write_config(config: BaseModel, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(dump_config(config))

@@ -1,0 +1,1 @@
+"""Built-in synthetic corpora and tasks, tokenizers, and Ray Data pipelines."""

@@ -1,0 +1,1 @@
+"""DeepSpeed config building, engine setup and the Ray runtime around them."""

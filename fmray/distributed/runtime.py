@@ -1,0 +1,64 @@
+"""The Ray runtime fmray runs on: an embedded local instance or an existing cluster."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Worker processes inherit these unless the user already set them.
+WORKER_ENV_DEFAULTS = {
+    # DeepSpeed JIT-builds its CPU comm op on first start: build it once per machine.
+    "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "fmray" / "torch_extensions"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def worker_env() -> dict[str, str]:
+    env = {key: os.environ.get(key, value) for key, value in WORKER_ENV_DEFAULTS.items()}
+    for key in ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "DS_ACCELERATOR", "PYTHONPATH"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(address: str | None = None, required_cpus: float = 0.0) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray instance.
+
+    A local instance advertises at least `required_cpus` + 1 CPUs: training workers hold their
+    CPUs for the whole run, and Ray Data's reading tasks need a little room beside them.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in worker_env().items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS")
+    num_cpus = None
+    if address is None:
+        num_cpus = max(os.cpu_count() or 1, int(required_cpus + 0.999) + 1)
+    ray.init(
+        address=address,
+        num_cpus=num_cpus,
+        runtime_env={"env_vars": worker_env()},
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def absolute_storage(path: str) -> str:
+    """Ray Train needs an absolute local path (cloud URIs pass through)."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
