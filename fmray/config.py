@@ -22,9 +22,24 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of all config sections: strict, documented by attribute docstrings."""
+    """Base of all config sections: strict, documented by attribute docstrings.
+
+    A section field may default to a customised instance (`run: RunSection =
+    RunSection(name="pretrain")`); a partial override keeps that instance's values.
+    """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_customised_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
+                merged[name] = deep_merge(field.default.model_dump(exclude_unset=True), data[name])
+        return merged
 
 
 class RunSection(Section):
@@ -89,6 +104,8 @@ class TrainSection(Section):
     """Cosine decay floor as a fraction of lr."""
     warmup_steps: int = Field(10, ge=0)
     """Linear warmup steps."""
+    lr_decay_steps: int | None = Field(None, ge=1)
+    """Cosine decay horizon (default: max_steps); set it to extend a run later without a jump."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)

@@ -55,7 +55,8 @@ def lr_at(step: int, train: TrainSection) -> float:
     """Multiplier of train.lr at optimizer step `step`: linear warmup, then cosine to the floor."""
     if train.warmup_steps and step < train.warmup_steps:
         return (step + 1) / train.warmup_steps
-    decay_steps = max(1, train.max_steps - train.warmup_steps)
+    horizon = train.lr_decay_steps or train.max_steps
+    decay_steps = max(1, horizon - train.warmup_steps)
     progress = min(1.0, (step - train.warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine

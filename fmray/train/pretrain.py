@@ -60,6 +60,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from fmray.checkpoint import load_checkpoint, save_checkpoint
+    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
     from fmray.data.tokenizer import load_tokenizer
     from fmray.distributed.deepspeed_setup import build_ds_config, build_scheduler
     from fmray.distributed.runtime import seed_everything
@@ -119,6 +120,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         global_batch,
         plan["num_train_blocks"],
     )
+    # The held-out blocks are few and read every evaluation: fetch them once.
+    val_batches = list(
+        iter_micro_batches(
+            ray.train.get_dataset_shard(f"val_rank{rank}"),
+            micro,
+            0,
+            rank_block_indices(rank, world, micro, 0, plan["num_val_batches"] * micro * world),
+        )
+    )
     tokens_per_step = global_batch * plan["seq_len"]
     config_yaml = dump_config(config)
     run_start = time.perf_counter()
@@ -155,7 +165,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # --- validate
         if (train.eval_every and done % train.eval_every == 0) or done == train.max_steps:
             metrics.setdefault("step", done)
-            metrics["val_loss"] = validation_loss(engine, rank, world, plan, train, device)
+            metrics["val_loss"] = validation_loss(engine, val_batches, device)
 
         # --- checkpoint (all ranks write their shard; Ray Train merges and registers it)
         every = config.checkpoint.every_steps
@@ -205,27 +215,18 @@ def train_batches(
 
 
 @torch.no_grad()
-def validation_loss(
-    engine: Any, rank: int, world: int, plan: dict[str, Any], train: TrainSection, device: Any
-) -> float:
-    """Mean loss over the held-out blocks this run evaluates (same blocks every time)."""
-    import ray.train
+def validation_loss(engine: Any, val_batches: list[np.ndarray], device: Any) -> float:
+    """Mean loss over the same held-out blocks every time, averaged over ranks."""
     import torch.distributed as dist
 
-    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
-
     engine.eval()
-    micro = train.micro_batch_size
-    limit = plan["num_val_batches"] * micro * world
-    shard = ray.train.get_dataset_shard(f"val_rank{rank}")
-    expected = rank_block_indices(rank, world, micro, 0, limit)
     total = torch.zeros((), device=device)
-    for input_ids in iter_micro_batches(shard, micro, 0, expected):
+    for input_ids in val_batches:
         batch = torch.from_numpy(input_ids).to(device)
         total += engine(input_ids=batch, labels=batch).loss.float()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     engine.train()
-    return total.item() / (plan["num_val_batches"] * world)
+    return total.item() / (len(val_batches) * dist.get_world_size())
 
 
 class MetricsLogger:

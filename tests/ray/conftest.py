@@ -1,0 +1,32 @@
+"""One local Ray instance for the whole test session (token auth off for this private cluster)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Local Ray with 6 logical CPUs: 2 gloo training workers plus room for data and Serve."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    from fmray.distributed.runtime import worker_env
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=6,
+            runtime_env={"env_vars": worker_env()},
+            include_dashboard=False,
+            configure_logging=False,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()

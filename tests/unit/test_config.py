@@ -1,0 +1,103 @@
+"""Config: round trip, dotted overrides, and a one-line error for every kind of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fmray.config import ConfigError, dump_config, load_config, parse_overrides
+from fmray.train.pretrain import PretrainConfig
+from tests.conftest import REPO_ROOT
+
+TINY = REPO_ROOT / "jobs" / "pretrain" / "tiny.yaml"
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    config = load_config(PretrainConfig, TINY, ["train.lr=3e-4", "zero.stage=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(PretrainConfig, path) == config
+
+
+def test_overrides_apply_and_parse_types() -> None:
+    config = load_config(
+        PretrainConfig,
+        TINY,
+        ["train.max_steps=50", "zero.stage=3", "train.betas=[0.8, 0.9]", "model.preset=small"],
+    )
+    assert config.train.max_steps == 50
+    assert config.zero.stage == 3
+    assert config.train.betas == (0.8, 0.9)
+    assert config.model.preset == "small"
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=0.1", "unknown key train.lrr=0.1 (allowed here: max_steps"),
+        ("train.max_steps=abc", "train.max_steps='abc': Input should be a valid integer"),
+        ("zero.stage=4", "zero.stage=4: Input should be less than or equal to 3"),
+        ("train.lr=-1", "train.lr=-1: Input should be greater than 0"),
+        ("zero.offload_optimizer=true", "zero.offload_optimizer=true needs zero.stage in 1, 2, 3"),
+        ("model.preset=gpt-9", "model.preset='gpt-9' is unknown (allowed: tiny, small"),
+        ("nosuchsection.x=1", "unknown key nosuchsection={'x': 1} (allowed here: run, model"),
+        ("train.max_steps", "override 'train.max_steps' is not key=value"),
+    ],
+)
+def test_bad_input_gives_one_line_error(override: str, expected: str) -> None:
+    overrides = [override]
+    if override.startswith("zero.offload"):
+        overrides.append("zero.stage=0")
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, TINY, overrides)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PretrainConfig, "no/such.yaml")
+
+
+def test_cli_rejects_bad_config_before_ray_starts() -> None:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmray.cli", "pretrain", "--config", str(TINY), "zero.stage=0",
+         "zero.offload_optimizer=true"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["config error: zero.offload_optimizer=true needs zero.stage in 1, 2, 3 (got 0)"]
+    assert "Ray" not in proc.stdout + proc.stderr
+    assert time.perf_counter() - start < 60
+
+
+def test_cli_help_lists_every_key() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmray.cli", "pretrain", "--help"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert proc.returncode == 0
+    for key in ("train.lr (float, default 0.001): Peak learning rate.", "zero.stage",
+                "checkpoint.resume", "scaling.num_workers", "data.seq_len", "logging.tensorboard"):
+        assert key in proc.stdout
+
+
+def test_every_pretrain_preset_validates() -> None:
+    presets = sorted((REPO_ROOT / "jobs" / "pretrain").glob("*.yaml"))
+    assert presets
+    for path in presets:
+        load_config(PretrainConfig, path)
+
+
+def test_partial_override_keeps_recipe_defaults() -> None:
+    config = load_config(PretrainConfig, None, ["run.seed=3"])
+    assert config.run.name == "pretrain"
+    assert config.run.seed == 3
