@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Trains the tokenizer, packs the corpus and pretrains (re-running resumes the finished run).
 quickstart: $(STAMP)
-	$(BIN)/fmray tokenizer --config jobs/pretrain/tiny.yaml
 	$(BIN)/fmray pretrain --config jobs/pretrain/tiny.yaml
 
 lint: $(STAMP)

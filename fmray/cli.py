@@ -2,7 +2,7 @@
 
     fmray pretrain --config jobs/pretrain/tiny.yaml train.max_steps=50 zero.stage=3
     fmray pretrain --help                 # every config key with its default and meaning
-    fmray tokenizer --config jobs/pretrain/tiny.yaml
+    fmray tokenizer data.vocab_size=1024 output=my_tokenizer
     fmray export runs/pretrain/checkpoint_00000100 exported/
 
 Recipe commands take `--config FILE` plus dotted `key.sub=value` overrides, and

@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer trained on a corpus, saved as an HF tokenizer directory.
 
-    fmray tokenizer --config jobs/pretrain/tiny.yaml
-    python -m fmray.data.tokenizer --config jobs/pretrain/tiny.yaml data.vocab_size=1024
+    fmray tokenizer data.num_documents=5000 data.vocab_size=1024 output=my_tokenizer
+    python -m fmray.data.tokenizer data.source=corpus.jsonl data.vocab_size=32000
+
+`fmray pretrain` runs this itself (into <run dir>/tokenizer) unless data.tokenizer is set.
 
 The directory loads with `transformers.AutoTokenizer.from_pretrained(dir)`; chat markers are
 reserved as special tokens so fine-tuning's chat template needs no vocabulary resize.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -138,10 +139,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step_start = time.perf_counter()
         engine.train()
         loss_sum = torch.zeros((), device=device)
+        grad_norm = None
         for _ in range(accum):
             input_ids = torch.from_numpy(next(batches)).to(device)
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and config.zero.stage == 0:
+                # ZeRO stages report their norm; stage 0 does not, so take it before clipping.
+                grad_norm = grad_norm_of(engine.module)
             engine.step()
             loss_sum += loss.detach().float()
         done = step + 1
@@ -151,7 +156,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if done % train.log_every == 0 or done == train.max_steps:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
             step_time = time.perf_counter() - step_start
-            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             metrics = {
                 "step": done,
                 "loss": loss_sum.item() / (accum * world),
@@ -163,16 +169,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             }
 
         # --- validate
-        if (train.eval_every and done % train.eval_every == 0) or done == train.max_steps:
+        evaluate = bool(train.eval_every and done % train.eval_every == 0)
+        if evaluate or done == train.max_steps:
             metrics.setdefault("step", done)
             metrics["val_loss"] = validation_loss(engine, val_batches, device)
+        if logger and metrics:
+            logger.log(metrics, train.max_steps)
 
         # --- checkpoint (all ranks write their shard; Ray Train merges and registers it)
+        # Ray Train hears of metrics only at validation and checkpoint steps: its controller
+        # polls every ~2 s and a report waits for the previous one, so per-step reports throttle.
         every = config.checkpoint.every_steps
         if (every and done % every == 0) or done == train.max_steps:
             metrics.setdefault("step", done)
-            if logger:
-                logger.log(metrics, train.max_steps)
             local_dir = Path(tempfile.mkdtemp(prefix=f"fmray-ckpt-{rank}-"))
             meta = {"run": config.run.name, "trial_id": plan.get("trial_id")}
             save_checkpoint(
@@ -184,9 +193,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 checkpoint_dir_name=f"checkpoint_{done:08d}",
             )
             shutil.rmtree(local_dir, ignore_errors=True)
-        elif metrics:
-            if logger:
-                logger.log(metrics, train.max_steps)
+        elif evaluate:
             ray.train.report(metrics)
     if logger:
         logger.close()
@@ -212,6 +219,11 @@ def train_batches(
         expected = rank_block_indices(rank, world, micro, start, limit)
         yield from iter_micro_batches(shard, micro, start, expected)
         epoch, step_in_epoch = epoch + 1, 0
+
+
+def grad_norm_of(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 @torch.no_grad()
@@ -263,13 +275,14 @@ class MetricsLogger:
         if self.progress and "loss" in metrics:
             eta = (max_steps - step) * metrics["step_time_s"]
             val = f" | val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-            print(
+            # Written directly: Ray Train's patched print() echoes each line twice.
+            sys.stdout.write(
                 f"[fmray] step {step}/{max_steps} | loss {metrics['loss']:.4f}{val} | "
                 f"lr {metrics['lr']:.2e} | grad {metrics['grad_norm']:.3f} | "
                 f"{metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_s']:.3f} s/step | "
-                f"ETA {eta:.0f} s",
-                flush=True,
+                f"ETA {eta:.0f} s\n"
             )
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.writer:

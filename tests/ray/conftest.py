@@ -9,7 +9,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Local Ray with 6 logical CPUs: 2 gloo training workers plus room for data and Serve."""
+    """Local Ray with 6 logical CPUs: 2 gloo training workers plus room for data and Serve.
+
+    The dashboard stays on: Ray Train's placement-group cleaner asks the State API whether the
+    controller lives, and without it tears a healthy run down.
+    """
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
@@ -19,7 +23,6 @@ def ray_cluster():
         ray.init(
             num_cpus=6,
             runtime_env={"env_vars": worker_env()},
-            include_dashboard=False,
             configure_logging=False,
         )
     yield ray
