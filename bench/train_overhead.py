@@ -44,12 +44,22 @@ def parse_args() -> argparse.Namespace:
 def run_fmray(args: argparse.Namespace, workdir: Path) -> tuple[dict, float]:
     """Launch `fmray pretrain`; return its metrics by step and the time to its first step."""
     overrides = [
-        f"run.output_dir={workdir}", "run.name=bench", f"model.preset={args.preset}",
-        "data.num_documents=6000", f"data.seq_len={args.seq_len}", "data.vocab_size=1024",
-        f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-        "train.grad_accum_steps=1", "train.warmup_steps=5", f"train.log_every={args.log_every}",
-        "train.eval_every=0", "zero.stage=0", "scaling.num_workers=1",
-        f"scaling.cpus_per_worker={args.threads}", "checkpoint.export_hf=false",
+        f"run.output_dir={workdir}",
+        "run.name=bench",
+        f"model.preset={args.preset}",
+        "data.num_documents=6000",
+        f"data.seq_len={args.seq_len}",
+        "data.vocab_size=1024",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro_batch}",
+        "train.grad_accum_steps=1",
+        "train.warmup_steps=5",
+        f"train.log_every={args.log_every}",
+        "train.eval_every=0",
+        "zero.stage=0",
+        "scaling.num_workers=1",
+        f"scaling.cpus_per_worker={args.threads}",
+        "checkpoint.export_hf=false",
         "logging.tensorboard=false",
     ]
     metrics_path = workdir / "bench" / "metrics.jsonl"
@@ -57,7 +67,10 @@ def run_fmray(args: argparse.Namespace, workdir: Path) -> tuple[dict, float]:
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "fmray.cli", "pretrain", *overrides],
-        cwd=REPO_ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True,
+        cwd=REPO_ROOT,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )
     first_step_s = float("nan")
@@ -73,18 +86,23 @@ def run_fmray(args: argparse.Namespace, workdir: Path) -> tuple[dict, float]:
 
 def run_plain(args: argparse.Namespace, workdir: Path) -> list[float]:
     """The plain PyTorch loop; returns the wall-clock time after each step."""
+    from transformers import AutoTokenizer
+
     from fmray.config import TrainSection
     from fmray.distributed.deepspeed_setup import lr_at
     from fmray.distributed.runtime import seed_everything
     from fmray.models.registry import build_causal_lm
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     run_dir = workdir / "bench"
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     seed_everything(0)
-    model = build_causal_lm(args.preset, None, len(tokenizer), {
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    model = build_causal_lm(
+        args.preset,
+        None,
+        len(tokenizer),
+        {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+    )
     train = TrainSection(max_steps=args.steps, micro_batch_size=args.micro_batch, warmup_steps=5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, train))

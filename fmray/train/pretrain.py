@@ -107,7 +107,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             start_step = load_checkpoint(engine, Path(ckpt_dir))
         if rank == 0:
-            print(f"[fmray] resumed from step {start_step}", flush=True)
+            sys.stdout.write(f"[fmray] resumed from step {start_step}\n")
     logger = MetricsLogger(plan["run_dir"], start_step, config.logging) if rank == 0 else None
 
     micro, accum = train.micro_batch_size, train.grad_accum_steps

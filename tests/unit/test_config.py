@@ -68,13 +68,26 @@ def test_missing_config_file() -> None:
 def test_cli_rejects_bad_config_before_ray_starts() -> None:
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "fmray.cli", "pretrain", "--config", str(TINY), "zero.stage=0",
-         "zero.offload_optimizer=true"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fmray.cli",
+            "pretrain",
+            "--config",
+            str(TINY),
+            "zero.stage=0",
+            "zero.offload_optimizer=true",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["config error: zero.offload_optimizer=true needs zero.stage in 1, 2, 3 (got 0)"]
+    assert lines == [
+        "config error: zero.offload_optimizer=true needs zero.stage in 1, 2, 3 (got 0)"
+    ]
     assert "Ray" not in proc.stdout + proc.stderr
     assert time.perf_counter() - start < 60
 
@@ -82,11 +95,20 @@ def test_cli_rejects_bad_config_before_ray_starts() -> None:
 def test_cli_help_lists_every_key() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fmray.cli", "pretrain", "--help"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0
-    for key in ("train.lr (float, default 0.001): Peak learning rate.", "zero.stage",
-                "checkpoint.resume", "scaling.num_workers", "data.seq_len", "logging.tensorboard"):
+    for key in (
+        "train.lr (float, default 0.001): Peak learning rate.",
+        "zero.stage",
+        "checkpoint.resume",
+        "scaling.num_workers",
+        "data.seq_len",
+        "logging.tensorboard",
+    ):
         assert key in proc.stdout
 
 
@@ -101,3 +123,17 @@ def test_partial_override_keeps_recipe_defaults() -> None:
     config = load_config(PretrainConfig, None, ["run.seed=3"])
     assert config.run.name == "pretrain"
     assert config.run.seed == 3
+
+
+def test_resume_modes_are_checked_before_ray(tmp_path: Path) -> None:
+    from fmray.train.pretrain import check_resume_mode
+
+    (tmp_path / "r" / "checkpoint_00000010").mkdir(parents=True)
+    overrides = [f"run.output_dir={tmp_path}", "run.name=r", "checkpoint.resume=never"]
+    never = load_config(PretrainConfig, None, overrides)
+    with pytest.raises(ConfigError, match="checkpoint.resume=never but .* already holds"):
+        check_resume_mode(never)
+    bad_path = load_config(PretrainConfig, None, [f"checkpoint.resume={tmp_path}/nope"])
+    with pytest.raises(ConfigError, match="is not an fmray checkpoint directory"):
+        check_resume_mode(bad_path)
+    check_resume_mode(load_config(PretrainConfig, None, [f"run.output_dir={tmp_path}"]))

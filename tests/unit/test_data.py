@@ -49,9 +49,19 @@ def test_tokenizer_is_deterministic_and_loads_with_autotokenizer(tmp_path: Path)
 
 def test_tokenizer_cli(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fmray.cli", "tokenizer", f"run.output_dir={tmp_path}",
-         "data.num_documents=200", "data.vocab_size=300"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fmray.cli",
+            "tokenizer",
+            f"run.output_dir={tmp_path}",
+            "data.num_documents=200",
+            "data.vocab_size=300",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer" / "tokenizer"))

@@ -29,6 +29,7 @@ def test_ds_config_geometry_and_offload() -> None:
     assert config["optimizer"]["params"]["torch_adam"] is True
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert build_ds_config(train, ZeroSection(stage=0), 1, True)["optimizer"]["params"][
-        "torch_adam"
-    ] is False
+    assert (
+        build_ds_config(train, ZeroSection(stage=0), 1, True)["optimizer"]["params"]["torch_adam"]
+        is False
+    )
