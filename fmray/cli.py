@@ -41,11 +41,6 @@ class Tool:
 COMMANDS: dict[str, Recipe | Tool] = {
     "pretrain": Recipe("fmray.train.pretrain", "PretrainConfig", "pretrain a causal LM"),
     "tokenizer": Recipe("fmray.data.tokenizer", "TokenizerConfig", "train a BPE tokenizer"),
-    "sft": Recipe("fmray.train.sft", "SFTConfig", "instruction fine-tuning (full or LoRA)"),
-    "tune": Recipe("fmray.tune.search", "TuneConfig", "Ray Tune search over a recipe's config"),
-    "serve": Recipe(
-        "fmray.serve.app", "ServeConfig", "serve models behind an OpenAI-compatible API"
-    ),
     "export": Tool("fmray.cli", "export_command", "write the HF directory of a checkpoint"),
 }
 
