@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fmray/torch_extensions
 
-.PHONY: install quickstart test test-unit test-ray lint format bench clean
+.PHONY: install quickstart test test-unit test-ray lint format bench bench-train bench-serve bench-tune clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,20 @@ test: lint
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-bench: $(STAMP)
+test-ray: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15 tests/ray
+
+bench: bench-train bench-serve bench-tune
+
+bench-train: $(STAMP)
 	$(BIN)/python bench/train_overhead.py
+
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve_llm.py
+
+# Searches start from the quickstart's pretrained tiny model.
+bench-tune: quickstart
+	$(BIN)/python bench/tune_efficiency.py --model runs/pretrain-tiny
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fmray.config import ConfigError, describe_config, load_config
 
@@ -41,19 +42,42 @@ class Tool:
 COMMANDS: dict[str, Recipe | Tool] = {
     "pretrain": Recipe("fmray.train.pretrain", "PretrainConfig", "pretrain a causal LM"),
     "tokenizer": Recipe("fmray.data.tokenizer", "TokenizerConfig", "train a BPE tokenizer"),
+    "sft": Recipe("fmray.train.sft", "SFTConfig", "instruction fine-tuning (full or LoRA)"),
+    "tune": Recipe("fmray.tune.search", "TuneConfig", "Ray Tune search over a recipe's config"),
+    "serve": Recipe(
+        "fmray.serve.app", "ServeConfig", "serve models behind an OpenAI-compatible API"
+    ),
     "export": Tool("fmray.cli", "export_command", "write the HF directory of a checkpoint"),
 }
 
 
 def export_command(argv: list[str]) -> None:
-    from fmray.checkpoint import export_hf_checkpoint
+    from fmray.checkpoint import (
+        export_adapter_checkpoint,
+        export_hf_checkpoint,
+        is_adapter_checkpoint,
+    )
 
     parser = argparse.ArgumentParser(prog="fmray export", description=COMMANDS["export"].summary)
     parser.add_argument("checkpoint", help="an fmray checkpoint folder (checkpoint_<step>)")
     parser.add_argument("out", help="HF directory to write")
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA checkpoints: write the peft adapter alone (default: the merged full model)",
+    )
     args = parser.parse_args(argv)
-    out = export_hf_checkpoint(args.checkpoint, args.out)
-    print(f"[fmray] HF export written to {out.resolve()}")
+    if not (Path(args.checkpoint) / "fmray.json").is_file():
+        parser.error(f"checkpoint {args.checkpoint!r} is not an fmray checkpoint (no fmray.json)")
+    if is_adapter_checkpoint(args.checkpoint):
+        out = export_adapter_checkpoint(args.checkpoint, args.out, merged=not args.adapter_only)
+        kind = "peft adapter" if args.adapter_only else "merged LoRA model"
+    elif args.adapter_only:
+        parser.error(f"--adapter-only: {args.checkpoint} is a full checkpoint, not a LoRA one")
+    else:
+        out = export_hf_checkpoint(args.checkpoint, args.out)
+        kind = "HF model"
+    print(f"[fmray] {kind} written to {out.resolve()}")
 
 
 def run_recipe(name: str, recipe: Recipe, argv: list[str]) -> None:

@@ -271,10 +271,20 @@ def describe_config(cls: type[BaseModel], prefix: str = "") -> list[str]:
         if sub is not None:
             lines.extend(describe_config(sub, prefix=f"{key}."))
             continue
+        if typing.get_origin(field.annotation) is dict:
+            value_section = section_type(typing.get_args(field.annotation)[-1])
+            if value_section is not None:
+                # A mapping of named sections (serve's models): one entry's keys, named <name>.
+                lines.append(f"  {key} (mapping of name -> entry): {field.description or ''}")
+                lines.extend(describe_config(value_section, prefix=f"{key}.<name>."))
+                continue
         type_name = getattr(field.annotation, "__name__", str(field.annotation))
         type_name = str(type_name).replace("typing.", "")
-        default = field.get_default(call_default_factory=True)
-        lines.append(f"  {key} ({type_name}, default {default!r}): {field.description or ''}")
+        if field.is_required():
+            default_text = "required"
+        else:
+            default_text = f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"  {key} ({type_name}, {default_text}): {field.description or ''}")
     return lines
 
 

@@ -1,0 +1,1 @@
+"""Metrics on held-out data: task accuracy by greedy generation, masked eval loss."""

@@ -1,0 +1,1 @@
+"""Serving: OpenAI-compatible LLM endpoints on Ray Serve (`fmray serve`, `fmray.serve.app`)."""

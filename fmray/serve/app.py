@@ -1,0 +1,178 @@
+"""`fmray serve`: models behind an OpenAI-compatible API on Ray Serve, autoscaled per model.
+
+    fmray serve --config jobs/serve/llm_tiny.yaml                    # embedded local Ray, CPU
+    fmray serve --config jobs/serve/llm_tiny.yaml serve.port=8001 autoscaling.max_replicas=2
+    fmray serve --config jobs/serve/llm_tiny.yaml --address auto     # a running Ray cluster
+    serve run jobs/serve/llm_tiny_app.yaml                           # Serve's own CLI
+    serve run fmray.serve.app:build_app config=jobs/serve/llm_tiny.yaml serve.port=8001
+
+The app is one FastAPI ingress (`OpenAIIngress`) plus one deployment per model
+(`LLMDeployment`, named llm-<model>), each with its own replicas, resources and autoscaling.
+`build_app(args)` is the import path for `serve run` / `serve deploy` YAML / KubeRay RayService.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from ray.serve import Application
+
+from fmray.config import ConfigError, Section, deep_merge, parse_overrides, read_yaml
+from fmray.config import validate_config as _validate
+from fmray.serve.config import (
+    AutoscalingSection,
+    DeploymentSection,
+    EngineSection,
+    ModelEntry,
+    ModelName,
+    ServerSection,
+)
+
+API_KEY_ENV = "FMRAY_API_KEY"
+
+
+class ServeConfig(Section):
+    models: dict[ModelName, ModelEntry] = Field(
+        default_factory=lambda: {"tiny": ModelEntry(path="runs/pretrain-tiny")}
+    )
+    """By request `model` name: models.<name>.path (HF dir or fmray run), .tokenizer, .engine..."""
+    serve: ServerSection = ServerSection()
+    engine: EngineSection = EngineSection()
+    deployment: DeploymentSection = DeploymentSection()
+    autoscaling: AutoscalingSection = AutoscalingSection()
+
+    @model_validator(mode="after")
+    def _some_model(self) -> ServeConfig:
+        if not self.models:
+            raise ValueError("models is empty: name at least one (models.<name>.path=<HF dir>)")
+        return self
+
+
+def build_application(config: ServeConfig) -> Application:
+    """The Serve application: ingress bound to one LLMDeployment per model."""
+    from fmray.serve.deployment import LLMDeployment, deployment_name, llm_options
+    from fmray.serve.ingress import OpenAIIngress
+
+    models = {}
+    for name, entry in config.models.items():
+        deployment = entry.deployment or config.deployment
+        autoscaling = entry.autoscaling or config.autoscaling
+        engine = entry.engine or config.engine
+        models[name] = LLMDeployment.options(
+            name=deployment_name(name), **llm_options(deployment, autoscaling)
+        ).bind(
+            name,
+            entry.model_dump(mode="json"),
+            engine.model_dump(mode="json"),
+            deployment.model_dump(mode="json"),
+        )
+    server = config.serve
+    return OpenAIIngress.options(
+        num_replicas=server.ingress_replicas,
+        ray_actor_options={"num_cpus": server.ingress_num_cpus},
+        max_ongoing_requests=10_000,  # it only awaits model replicas; they apply the limits
+    ).bind(models, server.api_key or os.environ.get(API_KEY_ENV), server.max_body_bytes)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / `serve deploy` / RayService (`import_path`).
+
+    `args` is a ServeConfig tree; a `config` key names a YAML file to start from, and dotted keys
+    (`serve.port: 8001`, as `serve run ... key=value` passes them) override it.
+    """
+    args = dict(args)
+    base = read_yaml(args.pop("config")) if "config" in args else {}
+    dotted = [f"{k}={v}" for k, v in args.items() if "." in k and not isinstance(v, dict)]
+    nested = {k: v for k, v in args.items() if "." not in k or isinstance(v, dict)}
+    data = deep_merge(deep_merge(base, nested), parse_overrides(dotted))
+    return build_application(_validate(ServeConfig, data))
+
+
+def check_model_paths(config: ServeConfig) -> ServeConfig:
+    """Fail before Ray starts when a model folder is missing (one line naming the key); return
+    the config with absolute paths, which replicas resolve the same from any directory."""
+    from fmray.serve.loading import resolve_model_dir
+
+    models = {}
+    for name, entry in config.models.items():
+        try:
+            resolve_model_dir(entry.path)
+        except FileNotFoundError as err:
+            raise ConfigError(
+                f"config error: models.{name}.path={entry.path!r}: {err} "
+                "(train one with `fmray pretrain --config jobs/pretrain/tiny.yaml`)"
+            ) from None
+        path = str(Path(entry.path).expanduser().resolve())
+        models[name] = entry.model_copy(update={"path": path})
+    return config.model_copy(update={"models": models})
+
+
+def required_cpus(config: ServeConfig) -> float:
+    """CPUs the app holds at its largest: every model at max_replicas, plus the ingress."""
+    total = config.serve.ingress_num_cpus * config.serve.ingress_replicas
+    for entry in config.models.values():
+        replicas = (entry.autoscaling or config.autoscaling).max_replicas
+        total += replicas * (entry.deployment or config.deployment).num_cpus
+    return total
+
+
+def run(config: ServeConfig, address: str | None = None) -> None:
+    """Deploy, print how to call it, and serve until Ctrl-C."""
+    from ray import serve
+
+    from fmray.distributed.runtime import init_ray
+
+    if address is None:
+        config = check_model_paths(config)
+    init_ray(address, required_cpus(config))
+    server = config.serve
+    print(f"[fmray] deploying {', '.join(config.models)} (loading weights into each replica)")
+    serve.start(http_options={"host": server.host, "port": server.port})
+    serve.run(build_application(config), name=server.app_name, route_prefix=server.route_prefix)
+    print_usage(config)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` / a container stop drains like Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\n[fmray] stopping: draining in-flight requests (Ctrl-C again to force)")
+    try:
+        serve.delete(server.app_name)  # replicas finish their requests first (graceful_*)
+        if address is None:
+            serve.shutdown()
+        print("[fmray] stopped")
+    except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 - exiting either way
+        print(f"[fmray] stopped without draining ({type(err).__name__})")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def print_usage(config: ServeConfig) -> None:
+    server = config.serve
+    host = "localhost" if server.host in ("0.0.0.0", "127.0.0.1") else server.host
+    base = f"http://{host}:{server.port}{server.route_prefix.rstrip('/')}"
+    model = next(iter(config.models))
+    auth = ""
+    if server.api_key or os.environ.get(API_KEY_ENV):
+        auth = f" -H 'Authorization: Bearer ${API_KEY_ENV}'"
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    print(f"[fmray] serving {len(config.models)} model(s): {', '.join(config.models)}")
+    print(f"  OpenAI base URL  {base}/v1   (health: {base}/health)")
+    print(f"  try              curl {base}/v1/chat/completions{auth} \\")
+    print(f"                     -H 'Content-Type: application/json' -d '{body}'")
+    print("  stop             Ctrl-C")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from fmray.cli import main
+
+    main(["serve", *sys.argv[1:]])

@@ -1,0 +1,156 @@
+"""One Tune trial: a recipe's TorchTrainer fitted inside a Tune function trainable.
+
+    fmray tune --config jobs/tune/sft_tiny.yaml       # runs `run_trial` once per trial (CPU)
+
+`run_trial` builds the trial's recipe config (base + sampled values, its own run folder under the
+experiment), fits the recipe's TorchTrainer and forwards Ray Train's evaluation reports to Tune
+with TuneReportCallback; under PBT it runs checkpointed segments instead. `ReleaseStoppedTrials`
+frees the workers of trials Tune stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from fmray.tune.space import apply_params
+
+
+def recipe_config_class(recipe: str) -> type[BaseModel]:
+    return getattr(recipe_module(recipe), recipe_command(recipe).config_class)
+
+
+def recipe_module(recipe: str) -> Any:
+    return importlib.import_module(recipe_command(recipe).module)
+
+
+def recipe_command(recipe: str) -> Any:
+    from fmray.cli import COMMANDS
+
+    return COMMANDS[recipe]
+
+
+class EvalReportCallback(TuneReportCallback):
+    """TuneReportCallback that forwards only reports carrying the searched metric.
+
+    Those are the evaluations: schedulers compare trials at evaluation steps, and Tune's check
+    that every result holds the metric passes.
+    """
+
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """A Tune trial (in its own actor): the recipe's TorchTrainer with the sampled params."""
+    import ray.tune
+
+    module = recipe_module(setup["recipe"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    tree = apply_params(setup["base"], params)
+    tree["run"] = {
+        **tree["run"],
+        "output_dir": str(Path(setup["exp_dir"]) / trial_id),
+        "name": "run",
+    }
+    config = recipe_config_class(setup["recipe"]).model_validate(tree)
+    lineage = {"trial_id": trial_id, "experiment": setup["experiment"]}
+    if setup["scheduler"] == "pbt":
+        run_pbt_segments(module, config, lineage, setup["perturbation_interval"])
+        return
+    plan = {**module.prepare_run(config), **lineage}
+    trainer = module.build_trainer(config, plan)
+    # The recipe's RunConfig is read when fit() starts the controller: add Tune's reporter.
+    trainer.run_config.callbacks = [
+        *(trainer.run_config.callbacks or []),
+        EvalReportCallback(setup["metric"]),
+    ]
+    trainer.fit()
+
+
+def run_pbt_segments(module: Any, config: Any, lineage: dict[str, Any], interval: int) -> None:
+    """PBT: Ray Train runs of `interval` steps, each reported to Tune with its checkpoint.
+
+    After PBT clones a stronger trial, this function restarts with the mutated config and the
+    clone's checkpoint (`tune.get_checkpoint`). Each segment is its own Ray Train run, so Ray
+    Train's record of an earlier segment never overrides the checkpoint handed over by Tune.
+    """
+    import ray.tune
+
+    from fmray.checkpoint import read_meta
+
+    checkpoint = ray.tune.get_checkpoint()
+    resume_from = checkpoint.path if checkpoint is not None else None
+    start = read_meta(Path(resume_from))["step"] if resume_from else 0
+    while start < config.train.max_steps:
+        stop = min(start + interval, config.train.max_steps)
+        name = f"segment-{start:08d}-{uuid.uuid4().hex[:6]}"
+        segment = config.model_copy(update={"run": config.run.model_copy(update={"name": name})})
+        plan = {**module.prepare_run(segment), **lineage, "stop_step": stop}
+        plan["resume_from"] = resume_from
+        result = module.build_trainer(segment, plan).fit()
+        metrics = {**result.metrics, "segment_steps": stop - start}
+        metrics["checkpoint_path"] = result.checkpoint.path
+        ray.tune.report(
+            metrics, checkpoint=ray.tune.Checkpoint.from_directory(result.checkpoint.path)
+        )
+        resume_from, start = result.checkpoint.path, stop
+
+
+class ReleaseStoppedTrials(Callback):
+    """Frees the worker placement groups of trials Tune stopped, a few seconds after they end.
+
+    A stopped trial's Ray Train controller dies with the trial; Ray Train then relies on a
+    cleaner actor that cannot find its cluster when one machine runs several Ray instances, and
+    the leaked workers' CPUs would starve every later trial. Recipes record their placement
+    group ids in <trial>/<run>/placement_groups.txt (sft does); this frees any still held.
+    """
+
+    GRACE_S = 10.0
+
+    def __init__(self, exp_dir: Path) -> None:
+        self.exp_dir = exp_dir
+        self.ended: dict[str, float] = {}
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        due = [i for i, t in self.ended.items() if time.monotonic() - t > self.GRACE_S]
+        for trial_id in due:
+            del self.ended[trial_id]
+            release_placement_groups(self.exp_dir / trial_id)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        for trial_id in list(self.ended):
+            release_placement_groups(self.exp_dir / trial_id)
+        self.ended.clear()
+
+
+def release_placement_groups(trial_dir: Path) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for record in trial_dir.glob("*/placement_groups.txt"):
+        for pg_id in record.read_text().split():
+            group = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
+            if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove_placement_group(group)
