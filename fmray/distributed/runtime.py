@@ -15,6 +15,8 @@ WORKER_ENV_DEFAULTS = {
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "fmray" / "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    # Workers' Ray Data progress bars would interleave with fmray's own progress line.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -124,7 +124,7 @@ def test_sft_raises_heldout_exact_match_over_the_base(
     assert meta["base_model"] == str(pretrained_base.resolve())
 
 
-def test_lora_trains_adapters_only_resumes_and_exports(
+def test_lora_trains_adapters_only_and_exports(
     ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     from peft import PeftModel
@@ -171,19 +171,3 @@ def test_lora_trains_adapters_only_resumes_and_exports(
         expected = adapter_model(input_ids=input_ids).logits
         for model in (merged, AutoModelForCausalLM.from_pretrained(exported)):
             torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=0)
-
-    # Same run again with more steps: it resumes at step 4 from the adapter checkpoint.
-    more = sft_config(
-        tiny_model_dir,
-        tmp_path,
-        lora=lora,
-        train={**train, "max_steps": 6},
-        eval={"num_examples": 0},
-        checkpoint={"every_steps": 2, "keep_last": 3},
-    )
-    second = sft.run(more)
-    last = Path(second.checkpoint.path)
-    assert last.name == "checkpoint_00000006"
-    assert json.loads((last / "fmray.json").read_text())["resumed_from_step"] == 4
-    log = (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4, 5, 6]

@@ -83,3 +83,48 @@ def test_asha_search_stops_trials_early_and_writes_a_runnable_best_config(
     again = json.loads((exp_dir / "best.json").read_text())
     assert again["best_trial"] == summary["best_trial"]
     assert again["total_steps"] == summary["total_steps"]
+
+
+def test_pbt_runs_lora_trials_in_checkpointed_segments(
+    ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = validate_config(
+        search.TuneConfig,
+        {
+            "run": {"name": "pbt", "output_dir": str(tmp_path)},
+            "recipe": "sft",
+            "base": str(REPO_ROOT / "jobs" / "sft" / "tiny_lora.yaml"),
+            "overrides": {
+                "model.path": str(tiny_model_dir),
+                "lora.r": 4,
+                "lora.alpha": 8.0,
+                "train.max_steps": 4,
+                "train.eval_every": 2,
+                "train.warmup_steps": 0,
+                "checkpoint.every_steps": 0,
+                "eval.num_examples": 0,
+                "scaling.num_workers": 1,
+                "logging.tensorboard": False,
+            },
+            "search_space": {"train.lr": "choice([3e-3, 1e-5])"},
+            "num_samples": 2,
+            "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5},
+        },
+    )
+    search.run(config)
+    exp_dir = tmp_path / "pbt"
+
+    rows = list(csv.DictReader((exp_dir / "results.csv").open()))
+    assert [(r["status"], int(r["steps"])) for r in rows] == [("completed", 4)] * 2
+    for row in rows:
+        # The trial's last segment continued from the checkpoint its first segment (or the
+        # trial PBT cloned) left: LoRA adapters, optimizer and step come back from it.
+        final = Path(row["checkpoint"])
+        meta = json.loads((final / "fmray.json").read_text())
+        assert meta["step"] == 4 and meta["adapter"]
+        assert meta["experiment"] == "pbt" and meta["trial_id"] == row["trial_id"]
+        assert meta["resumed_from_step"] == 2
+        assert json.loads((Path(meta["resumed_from"]) / "fmray.json").read_text())["step"] == 2
+        assert (final / "adapter" / "adapter_config.json").is_file()
+    best_config = load_config(sft.SFTConfig, str(exp_dir / "best_config.yaml"))
+    assert best_config.lora is not None and best_config.lora.r == 4
