@@ -4,6 +4,10 @@
     fmray pretrain --help                 # every config key with its default and meaning
     fmray tokenizer data.vocab_size=1024 output=my_tokenizer
     fmray export runs/pretrain/checkpoint_00000100 exported/
+    fmray sft --config jobs/sft/tiny_lora.yaml
+    fmray export runs/sft-tiny-lora/checkpoint_00000200 adapter/ --adapter-only
+    fmray tune --config jobs/tune/sft_tiny.yaml
+    fmray serve --config jobs/serve/llm_tiny.yaml
 
 Recipe commands take `--config FILE` plus dotted `key.sub=value` overrides, and
 `--address ADDR` to run on an existing Ray cluster instead of an embedded local one.
