@@ -243,11 +243,16 @@ def rank_datasets(
 
 
 def iter_micro_batches(
-    shard: Any, micro_batch_size: int, start_index: int, expected: Iterator[int]
-) -> Iterator[np.ndarray]:
-    """Micro-batches of one epoch of a rank's shard, from global block `start_index` on.
+    shard: Any,
+    micro_batch_size: int,
+    start_index: int,
+    expected: Iterator[int],
+    columns: tuple[str, ...] = ("input_ids",),
+) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches (int64 `columns`) of one epoch of a rank's shard, from global row
+    `start_index` on.
 
-    `expected` yields the global block indices this rank must see; a mismatch means the data
+    `expected` yields the global row indices this rank must see; a mismatch means the data
     order broke, which would silently break exact resume, so it raises.
     """
     for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy"):
@@ -257,8 +262,8 @@ def iter_micro_batches(
         for got in index:
             want = next(expected)
             if got != want:
-                raise RuntimeError(f"data order broke: block {got} arrived, {want} expected")
-        yield np.stack(batch["input_ids"]).astype(np.int64)
+                raise RuntimeError(f"data order broke: row {got} arrived, {want} expected")
+        yield {name: np.stack(batch[name]).astype(np.int64) for name in columns}
 
 
 def rank_block_indices(

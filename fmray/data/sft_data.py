@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,26 +377,5 @@ def tokenize_with_ray_data(
     return pairs
 
 
-# ----------------------------------------------------------------------------- on the workers
-
-
-def iter_row_batches(
-    shard: Any, micro_batch_size: int, start_index: int, expected: Iterator[int]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Micro-batches (input_ids, labels, position_ids) of one epoch of a rank's shard.
-
-    `expected` yields the global row indices this rank must see; a mismatch means the data
-    order broke, which would silently break exact resume, so it raises.
-    """
-    for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy"):
-        index = batch["index"]
-        if index[0] < start_index:
-            continue
-        for got in index:
-            want = next(expected)
-            if got != want:
-                raise RuntimeError(f"data order broke: row {got} arrived, {want} expected")
-        yield {
-            name: np.stack(batch[name]).astype(np.int64)
-            for name in ("input_ids", "labels", "position_ids")
-        }
+# Columns of a tokenized row that the workers read (pipeline.iter_micro_batches).
+ROW_COLUMNS = ("input_ids", "labels", "position_ids")

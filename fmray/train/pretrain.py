@@ -122,14 +122,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         plan["num_train_blocks"],
     )
     # The held-out blocks are few and read every evaluation: fetch them once.
-    val_batches = list(
-        iter_micro_batches(
+    val_batches = [
+        batch["input_ids"]
+        for batch in iter_micro_batches(
             ray.train.get_dataset_shard(f"val_rank{rank}"),
             micro,
             0,
             rank_block_indices(rank, world, micro, 0, plan["num_val_batches"] * micro * world),
         )
-    )
+    ]
     tokens_per_step = global_batch * plan["seq_len"]
     config_yaml = dump_config(config)
     run_start = time.perf_counter()
@@ -218,7 +219,8 @@ def train_batches(
     while True:
         start = step_in_epoch * global_batch
         expected = rank_block_indices(rank, world, micro, start, limit)
-        yield from iter_micro_batches(shard, micro, start, expected)
+        for batch in iter_micro_batches(shard, micro, start, expected):
+            yield batch["input_ids"]
         epoch, step_in_epoch = epoch + 1, 0
 
 

@@ -95,8 +95,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from fmray.checkpoint import save_adapter_checkpoint, save_checkpoint
-    from fmray.data.pipeline import rank_block_indices
-    from fmray.data.sft_data import iter_row_batches
+    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
+    from fmray.data.sft_data import ROW_COLUMNS
     from fmray.data.tokenizer import load_tokenizer
     from fmray.distributed.deepspeed_setup import build_ds_config, build_scheduler
     from fmray.distributed.runtime import seed_everything
@@ -156,11 +156,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     # The held-out rows are few and read every evaluation: fetch them once.
     eval_rows = list(
-        iter_row_batches(
+        iter_micro_batches(
             ray.train.get_dataset_shard(f"eval_rank{rank}"),
             micro,
             0,
             rank_block_indices(rank, world, micro, 0, plan["num_eval_batches"] * micro * world),
+            ROW_COLUMNS,
         )
     )
     eval_share, num_counted = rank_share(plan["eval_conversations"], rank, world)
@@ -322,15 +323,15 @@ def train_batches(
     IN_MEMORY_SHARD_BYTES is read once and replayed, since restarting a Ray Data read every
     few steps would cost more than the steps it feeds.
     """
-    from fmray.data.pipeline import rank_block_indices
-    from fmray.data.sft_data import iter_row_batches
+    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
+    from fmray.data.sft_data import ROW_COLUMNS
 
     steps_per_epoch = num_rows // global_batch
     limit = steps_per_epoch * global_batch
     step_in_epoch = start_step % steps_per_epoch
     if (limit // world) * seq_len * 3 * 8 <= IN_MEMORY_SHARD_BYTES:
         expected = rank_block_indices(rank, world, micro, 0, limit)
-        epoch = list(iter_row_batches(shard, micro, 0, expected))
+        epoch = list(iter_micro_batches(shard, micro, 0, expected, ROW_COLUMNS))
         accum = global_batch // (micro * world)
         index = step_in_epoch * accum
         while True:
@@ -339,7 +340,7 @@ def train_batches(
     while True:
         start = step_in_epoch * global_batch
         expected = rank_block_indices(rank, world, micro, start, limit)
-        yield from iter_row_batches(shard, micro, start, expected)
+        yield from iter_micro_batches(shard, micro, start, expected, ROW_COLUMNS)
         step_in_epoch = 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from transformers import AutoTokenizer
 
 from fmray.data.corpus import generate_corpus
@@ -115,3 +116,31 @@ def test_sources_read_txt_jsonl_parquet(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "third"}) + "\n")
     pq.write_table(pa.table({"text": ["fourth"]}), tmp_path / "c.parquet")
     assert load_texts(str(tmp_path), "text", 0, 0) == ["first doc", "second doc", "third", "fourth"]
+
+
+class FakeShard:
+    """A rank's shard as Ray Data hands it out: numpy batches with a global `index` column."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        for start in range(0, len(self.indices), batch_size):
+            index = np.array(self.indices[start : start + batch_size])
+            rows = [np.full(3, i, dtype=np.int32) for i in index]
+            yield {"index": index, "input_ids": rows, "labels": rows}
+
+
+def test_micro_batches_skip_to_start_and_refuse_a_broken_order() -> None:
+    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
+
+    # Rank 1 of 2 with micro-batch 2 owns rows 2, 3, 6, 7, 10, 11; resume at global row 4.
+    shard = FakeShard([2, 3, 6, 7, 10, 11])
+    expected = rank_block_indices(1, 2, 2, 4, 12)
+    batches = list(iter_micro_batches(shard, 2, 4, expected, ("input_ids", "labels")))
+    assert [b["input_ids"][:, 0].tolist() for b in batches] == [[6, 7], [10, 11]]
+    assert batches[0]["labels"].dtype == np.int64
+
+    swapped = FakeShard([2, 3, 7, 6])
+    with pytest.raises(RuntimeError, match="data order broke: row 7 arrived, 6 expected"):
+        list(iter_micro_batches(swapped, 2, 0, rank_block_indices(1, 2, 2, 0, 8)))
