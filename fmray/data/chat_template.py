@@ -56,3 +56,12 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     token_id = tokenizer.convert_tokens_to_ids(TURN_END)
     unk = getattr(tokenizer, "unk_token_id", None)
     return [token_id] if isinstance(token_id, int) and token_id != unk else []
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
+    """Tokens that end a reply, for training exports, evaluation and serving alike: EOS, the end
+    of an assistant turn, and the model's own generation config's eos ids."""
+    ids: set[Any] = {tokenizer.eos_token_id, *end_of_turn_token_ids(tokenizer)}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)

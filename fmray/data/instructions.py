@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fmray.data.corpus import Person, build_world, person_sentences
+from fmray.data.split import in_holdout
 
 # fact -> question phrasings, in the order of corpus.person_sentences; every phrasing of a fact
 # lands on the same side of the split
@@ -84,11 +84,6 @@ def arithmetic_examples(num_examples: int, rng: random.Random) -> list[Example]:
     return list(examples.values())
 
 
-def is_heldout(key: str, heldout_fraction: float) -> bool:
-    """Stable, order-free split: the fact's hash decides its side."""
-    return (zlib.crc32(key.encode()) % 10_000) < heldout_fraction * 10_000
-
-
 def build_task(
     seed: int = 0, num_arithmetic: int = 150, heldout_fraction: float = 0.2
 ) -> InstructionTask:
@@ -96,8 +91,8 @@ def build_task(
     rng = random.Random(f"instructions-{seed}")
     examples = world_examples(build_world(seed)) + arithmetic_examples(num_arithmetic, rng)
     rng.shuffle(examples)
-    train = [e for e in examples if not is_heldout(e.key, heldout_fraction)]
-    heldout = [e for e in examples if is_heldout(e.key, heldout_fraction)]
+    train = [e for e in examples if not in_holdout(e.key, heldout_fraction)]
+    heldout = [e for e in examples if in_holdout(e.key, heldout_fraction)]
     return InstructionTask(train=train, heldout=heldout)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,30 +24,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fmray import storage
+from fmray.data.split import in_holdout
+
 ROWS_PER_SHARD = 4096
 
 
 @dataclass(frozen=True)
 class PackedData:
-    """A packed train/val split on disk."""
+    """A packed train/val split in the run's storage (a local path or a URI)."""
 
-    root: Path
+    root: str
     seq_len: int
     num_train_blocks: int
     num_val_blocks: int
 
     @property
-    def train_dir(self) -> Path:
-        return self.root / "train"
+    def train_dir(self) -> str:
+        return storage.join(self.root, "train")
 
     @property
-    def val_dir(self) -> Path:
-        return self.root / "val"
-
-
-def is_val_document(text: str, val_fraction: float) -> bool:
-    """Stable, order-free split: a document's hash decides its side."""
-    return (zlib.crc32(text.encode()) % 10_000) < val_fraction * 10_000
+    def val_dir(self) -> str:
+        return storage.join(self.root, "val")
 
 
 class Packer:
@@ -144,16 +141,17 @@ def packed_data_key(data_cfg: Any, seed: int, tokenizer_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: Path) -> PackedData:
-    """Tokenize and pack once; later calls with the same key reuse the parquet shards."""
+def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: str) -> PackedData:
+    """Tokenize and pack once into `cache_root` (local or remote); later calls with the same key
+    reuse the parquet shards. The shards are built in a staging folder and published whole."""
     import ray.data
 
     from fmray.data.tokenizer import load_tokenizer
 
-    root = cache_root / packed_data_key(data_cfg, seed, tokenizer_dir)
-    done = root / "packed.json"
-    if done.is_file():
-        meta = json.loads(done.read_text())
+    root = storage.join(cache_root, packed_data_key(data_cfg, seed, tokenizer_dir))
+    done = storage.join(root, "packed.json")
+    if storage.is_file(done):
+        meta = json.loads(storage.read_text(done))
         return PackedData(root, meta["seq_len"], meta["num_train_blocks"], meta["num_val_blocks"])
     eos_id = load_tokenizer(tokenizer_dir).eos_token_id
     documents = read_documents(data_cfg.source, data_cfg.text_field, data_cfg.num_documents, seed)
@@ -163,11 +161,12 @@ def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: 
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=1),
     )
-    writers = {name: BlockWriter(root / name, data_cfg.seq_len) for name in ("train", "val")}
+    staging = storage.staging_dir(root)
+    writers = {name: BlockWriter(staging / name, data_cfg.seq_len) for name in ("train", "val")}
     packers = {name: Packer(data_cfg.seq_len, eos_id) for name in ("train", "val")}
     for batch in iter_in_order(tokenized):
         for text, ids in zip(batch["text"], batch["ids"], strict=True):
-            split = "val" if is_val_document(str(text), data_cfg.val_fraction) else "train"
+            split = "val" if in_holdout(str(text), data_cfg.val_fraction) else "train"
             writers[split].add(packers[split].add(list(ids)))
     for writer in writers.values():
         writer.flush()
@@ -182,7 +181,8 @@ def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: 
         "num_train_blocks": counts["train"],
         "num_val_blocks": counts["val"],
     }
-    done.write_text(json.dumps(meta))  # written last: a packed folder without it is rebuilt
+    (staging / "packed.json").write_text(json.dumps(meta))
+    storage.publish_dir(staging, root)
     return PackedData(root, data_cfg.seq_len, counts["train"], counts["val"])
 
 
@@ -216,14 +216,12 @@ def keep_rank_rows(
 
 
 def rank_datasets(
-    path: Path, num_workers: int, micro_batch_size: int, limit: int, prefix: str
+    path: str, num_workers: int, micro_batch_size: int, limit: int, prefix: str
 ) -> dict[str, Any]:
     """One dataset per rank: `{prefix}_rank{r}` holds the rows rank r reads, in order."""
     import ray.data
 
-    base = ray.data.read_parquet(
-        str(path), num_cpus=DATA_TASK_CPUS, concurrency=DATA_TASK_CONCURRENCY
-    )
+    base = ray.data.read_parquet(path, num_cpus=DATA_TASK_CPUS, concurrency=DATA_TASK_CONCURRENCY)
     return {
         f"{prefix}_rank{rank}": base.map_batches(
             keep_rank_rows,
@@ -273,3 +271,42 @@ def rank_block_indices(
     for index in range(start, limit):
         if (index % (micro * num_workers)) // micro == rank:
             yield index
+
+
+# Rank shards up to this size (int64 rows) are kept in memory after their first read.
+IN_MEMORY_SHARD_BYTES = 256 * 2**20
+
+
+def iter_train_batches(
+    shard: Any,
+    rank: int,
+    num_workers: int,
+    micro: int,
+    start_step: int,
+    global_batch: int,
+    num_rows: int,
+    seq_len: int,
+    columns: tuple[str, ...],
+) -> Iterator[dict[str, np.ndarray]]:
+    """This rank's micro-batches from optimizer step `start_step` on, epoch after epoch.
+
+    Step s reads rows [s*G, (s+1)*G) of the epoch (G = global batch), so any resume point and
+    any worker count see the rows a single process would. A shard that fits in
+    IN_MEMORY_SHARD_BYTES is read once and replayed: small sets are seen for many epochs, and
+    restarting a Ray Data read every few steps would cost more than the steps it feeds.
+    """
+    steps_per_epoch = num_rows // global_batch
+    limit = steps_per_epoch * global_batch
+    step_in_epoch = start_step % steps_per_epoch
+    if (limit // num_workers) * seq_len * len(columns) * 8 <= IN_MEMORY_SHARD_BYTES:
+        expected = rank_block_indices(rank, num_workers, micro, 0, limit)
+        epoch = list(iter_micro_batches(shard, micro, 0, expected, columns))
+        index = step_in_epoch * (global_batch // (micro * num_workers))
+        while True:
+            yield epoch[index % len(epoch)]
+            index += 1
+    while True:
+        start = step_in_epoch * global_batch
+        expected = rank_block_indices(rank, num_workers, micro, start, limit)
+        yield from iter_micro_batches(shard, micro, start, expected, columns)
+        step_in_epoch = 0

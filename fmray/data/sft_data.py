@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
+from fmray import storage
 from fmray.config import Section
+from fmray.data.split import in_holdout
 
 IGNORE_INDEX = -100
 ROWS_PER_SHARD = 4096
@@ -126,7 +126,7 @@ def load_splits(data: SFTDataSection, seed: int) -> tuple[list[Conversation], li
         train = read_conversations(data.source)
         held = []
         if data.eval_source is None:
-            is_held = [is_eval_conversation(c, data.val_fraction) for c in train]
+            is_held = [in_holdout(json.dumps(c, sort_keys=True), data.val_fraction) for c in train]
             held = [c for c, h in zip(train, is_held, strict=True) if h]
             train = [c for c, h in zip(train, is_held, strict=True) if not h]
     if data.eval_source is not None:
@@ -139,12 +139,6 @@ def load_splits(data: SFTDataSection, seed: int) -> tuple[list[Conversation], li
     if data.shuffle:
         random.Random(f"sft-{seed}").shuffle(train)
     return train, held
-
-
-def is_eval_conversation(messages: Conversation, val_fraction: float) -> bool:
-    """Stable, order-free split of a file source: the conversation's hash decides its side."""
-    text = json.dumps(messages, sort_keys=True)
-    return (zlib.crc32(text.encode()) % 10_000) < val_fraction * 10_000
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -271,9 +265,9 @@ def write_rows(rows: list[Row], out_dir: Path, seq_len: int) -> None:
 
 @dataclass(frozen=True)
 class SFTData:
-    """Tokenized train/eval rows on disk, and the eval conversations for generation."""
+    """Tokenized train/eval rows in the run's storage, and the eval conversations."""
 
-    root: Path
+    root: str
     seq_len: int
     num_train_rows: int
     num_eval_rows: int
@@ -298,36 +292,35 @@ def sft_data_key(data: SFTDataSection, seed: int, tokenizer_dir: str, template: 
 
 
 def build_sft_data(
-    data: SFTDataSection, seed: int, tokenizer_dir: str, template: str, cache_root: Path
+    data: SFTDataSection, seed: int, tokenizer_dir: str, template: str, cache_root: str
 ) -> SFTData:
-    """Tokenize (Ray Data) and pad or pack once; later calls with the same key reuse the rows."""
+    """Tokenize (Ray Data) and pad or pack once into `cache_root` (local or remote); later calls
+    with the same key reuse the rows. Rows are built in a staging folder and published whole:
+    concurrent Tune trials building the same key both publish identical rows."""
     from fmray.data.tokenizer import load_tokenizer
 
-    root = cache_root / sft_data_key(data, seed, tokenizer_dir, template)
-    if not (root / "sft_data.json").is_file():
+    root = storage.join(cache_root, sft_data_key(data, seed, tokenizer_dir, template))
+    if not storage.is_file(storage.join(root, "sft_data.json")):
         train, held = load_splits(data, seed)
-        partial = root.with_name(f"{root.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
+        staging = storage.staging_dir(root)
         meta: dict[str, Any] = {"seq_len": data.seq_len}
         pad_id = int(load_tokenizer(tokenizer_dir).pad_token_id)
         for split, conversations in (("train", train), ("eval", held)):
             tokenized = tokenize_with_ray_data(conversations, tokenizer_dir, template)
             rows, dropped = build_rows(tokenized, data.seq_len, data.packing, pad_id)
             if not rows:
+                shutil.rmtree(staging, ignore_errors=True)
                 raise ValueError(
                     f"data: no {split} conversation keeps a reply token within "
                     f"data.seq_len={data.seq_len}; raise data.seq_len"
                 )
-            write_rows(rows, partial / split, data.seq_len)
+            write_rows(rows, staging / split, data.seq_len)
             meta[f"num_{split}_rows"], meta[f"num_{split}_dropped"] = len(rows), dropped
-        (partial / "eval_conversations.json").write_text(json.dumps(held))
-        (partial / "sft_data.json").write_text(json.dumps(meta))
-        try:  # concurrent Tune trials may build the same key: the first rename wins
-            partial.rename(root)
-        except OSError:
-            shutil.rmtree(partial, ignore_errors=True)
-    meta = json.loads((root / "sft_data.json").read_text())
-    held = json.loads((root / "eval_conversations.json").read_text())
+        (staging / "eval_conversations.json").write_text(json.dumps(held))
+        (staging / "sft_data.json").write_text(json.dumps(meta))
+        storage.publish_dir(staging, root)
+    meta = json.loads(storage.read_text(storage.join(root, "sft_data.json")))
+    held = json.loads(storage.read_text(storage.join(root, "eval_conversations.json")))
     return SFTData(root, meta["seq_len"], meta["num_train_rows"], meta["num_eval_rows"], held)
 
 

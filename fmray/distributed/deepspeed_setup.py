@@ -68,3 +68,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> An
 
 def deepspeed_dtype(train: TrainSection) -> torch.dtype:
     return torch.bfloat16 if train.bf16 else torch.float32
+
+
+def frozen_ds_config(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config of an inference-only engine beside a training one (same batch
+    geometry and precision): no optimizer or clipping; ZeRO-3 keeps its parameters partitioned
+    (with offload if set), while stages 1-2 only shard optimizer states, so it runs as stage 0."""
+    zero = train_config["zero_optimization"]
+    frozen_zero: dict[str, Any] = {"stage": 3 if zero["stage"] == 3 else 0}
+    if zero["stage"] == 3 and "offload_param" in zero:
+        frozen_zero["offload_param"] = zero["offload_param"]
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    return {
+        **{key: train_config[key] for key in keys},
+        "bf16": train_config["bf16"],
+        "zero_optimization": frozen_zero,
+        "steps_per_print": train_config["steps_per_print"],
+        "wall_clock_breakdown": False,
+    }

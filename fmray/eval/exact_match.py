@@ -62,12 +62,6 @@ def greedy_decode(
     return torch.stack(new_tokens, dim=1)
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    from fmray.data.chat_template import end_of_turn_token_ids
-
-    return {tokenizer.eos_token_id, *end_of_turn_token_ids(tokenizer)}
-
-
 def greedy_generate(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,7 +71,9 @@ def greedy_generate(
     device: torch.device,
 ) -> list[str]:
     """Greedy completions of `prompts`, cut at the first end-of-turn or EOS token."""
-    stops = stop_token_ids(tokenizer)
+    from fmray.data.chat_template import stop_token_ids
+
+    stops = set(stop_token_ids(tokenizer))
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fmray.data.chat_template import stop_token_ids
 from fmray.serve.config import EngineSection
 from fmray.serve.detokenize import TextAssembler
 from fmray.serve.engine import EngineOverloaded, EngineStopped, LLMEngine, Sequence
 from fmray.serve.errors import internal_error, overloaded
-from fmray.serve.loading import context_length, load_model, load_serving_tokenizer, stop_token_ids
+from fmray.serve.loading import context_length, load_model, load_serving_tokenizer
 from fmray.serve.prompts import ChoiceJob, PromptBuilder
 from fmray.serve.responses import ChoiceDelta, ChoiceState, ResponseBuilder
 from fmray.serve.schemas import (
@@ -56,7 +57,9 @@ class LLMServer:
             max_prefill_tokens=engine.max_prefill_tokens,
             stall_timeout_s=engine.stall_timeout_s,
         )
-        self.prompts = PromptBuilder(tokenizer, self.context_len, stop_token_ids(model, tokenizer))
+        self.prompts = PromptBuilder(
+            tokenizer, self.context_len, stop_token_ids(tokenizer, model.generation_config)
+        )
         self.retry_after_s = retry_after_s
         self.created = now()
         self.model_dir: Path | None = None

@@ -6,7 +6,6 @@ fmray serve models.mine.path=exported/my-model            # any HF causal-LM dir
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,24 +17,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """`path` itself if it holds config.json, else the newest `hf/` export found below it."""
-    root = Path(path).expanduser()
-    if (root / "config.json").is_file():
-        return root
-    if (root / "hf" / "config.json").is_file():
-        return root / "hf"
-    exports = [p.parent for p in root.glob("checkpoint_*/hf/config.json")]
-    if not exports:
-        raise FileNotFoundError(
-            f"{root} holds no HF model (config.json) and no fmray checkpoint with an hf/ export"
-        )
-    return max(exports, key=_checkpoint_step)
+    """A local HF model folder for `path`: an HF folder, a checkpoint, or a run folder (its
+    newest export with weights), local or in remote storage (downloaded once per replica)."""
+    from fmray import storage
+    from fmray.checkpoint import find_hf_export
 
-
-def _checkpoint_step(checkpoint: Path) -> tuple[int, float]:
-    meta = checkpoint / "fmray.json"
-    step = json.loads(meta.read_text()).get("step", -1) if meta.is_file() else -1
-    return int(step), checkpoint.stat().st_mtime
+    return storage.local_copy(find_hf_export(str(path)))
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -76,11 +63,3 @@ def context_length(
     if not known:
         raise ValueError("the model config has no max_position_embeddings; set max_model_len")
     return min(known)
-
-
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """EOS ids from the tokenizer and the model's generation config."""
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0)

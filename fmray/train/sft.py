@@ -5,10 +5,11 @@ chat-formatted rows whose loss covers only the assistant's replies.
     fmray sft --config jobs/sft/tiny.yaml                # CPU, 2 workers, full fine-tuning
     fmray sft --config jobs/sft/tiny.yaml lora.r=8       # CPU, LoRA: only the adapters train
     fmray sft --config jobs/sft/llama_1b.yaml            # GPU cluster, ZeRO-2, bf16
-    python -m fmray.train.sft --config jobs/sft/tiny.yaml zero.stage=3 data.packing=true
+    python -m fmray sft --config jobs/sft/tiny.yaml zero.stage=3 data.packing=true
 
 `model.path` is any HF causal-LM directory (an fmray export, a user's model) or an fmray run folder
-(its newest HF export is used). Everything the run writes lands in <run.output_dir>/<run.name>/:
+(its newest HF export is used), local or in remote storage. Everything the run writes lands in
+<run.output_dir>/<run.name>/ (a local folder or a URI such as s3://bucket/runs):
 config.yaml, metrics.jsonl, tensorboard/, tokenizer/ (with the chat template), data/ (tokenized
 rows) and one folder per checkpoint: hf/ (the full model - merged for LoRA - with the tokenizer
 and chat template, ready for transformers and `fmray serve`) and, for LoRA, adapter/ (peft).
@@ -18,19 +19,14 @@ Running the same command again resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from fmray import storage
 from fmray.config import (
     CheckpointSection,
     ConfigError,
@@ -42,14 +38,10 @@ from fmray.config import (
     TrainSection,
     ZeroSection,
     dump_config,
-    write_config,
 )
 from fmray.data.sft_data import SFTDataSection
 from fmray.models.lora import LoraSection
-from fmray.train.pretrain import MetricsLogger
-
-# Rank shards up to this size (int64 rows) are kept in memory after their first read.
-IN_MEMORY_SHARD_BYTES = 256 * 2**20
+from fmray.train.plan import TrainPlan
 
 
 class EvalSection(Section):
@@ -84,75 +76,86 @@ class SFTConfig(Section):
         return self
 
 
+class SFTPlan(TrainPlan):
+    """The run plan plus what evaluation and exports need from the chat format."""
+
+    chat_template: str
+    """The template rows were rendered with (saved with every export)."""
+    stop_token_ids: list[int]
+    """Tokens that end an assistant turn (EOS, <|im_end|>): generation stops there."""
+    eval_conversations: list[list[dict[str, str]]]
+    """Held-out conversations answered by greedy generation at each evaluation."""
+
+
 # ----------------------------------------------------------------------------- per worker
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build engine, resume, then step / log / eval / checkpoint."""
-    import deepspeed
     import ray.train
     import torch.distributed as dist
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from fmray.checkpoint import save_adapter_checkpoint, save_checkpoint
-    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
+    from fmray.data.pipeline import iter_micro_batches, iter_train_batches, rank_block_indices
     from fmray.data.sft_data import ROW_COLUMNS
     from fmray.data.tokenizer import load_tokenizer
-    from fmray.distributed.deepspeed_setup import build_ds_config, build_scheduler
-    from fmray.distributed.runtime import seed_everything
-    from fmray.models.lora import apply_lora, lora_scaling
+    from fmray.distributed.deepspeed_setup import build_ds_config
+    from fmray.models.lora import apply_lora
     from fmray.models.registry import build_causal_lm
+    from fmray.train.checkpointing import Export, checkpoint_and_report, lineage, resume
+    from fmray.train.launch import local_dir_of, record_placement_group
+    from fmray.train.metrics import MetricsLogger, print_line, step_metrics
+    from fmray.train.worker import (
+        build_train_engine,
+        grad_norm_of,
+        rank_share,
+        setup_worker,
+        zero3_construction,
+    )
 
-    config = SFTConfig.model_validate(loop_config["config"])
-    plan = loop_config["plan"]
-    train, scaling = config.train, config.scaling
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if scaling.use_gpu else torch.device("cpu")
+    config: SFTConfig = loop_config["config"]
+    plan: SFTPlan = loop_config["plan"]
+    train = config.train
+    kind = "lora" if config.lora is not None else "causal_lm"
 
     # --- setup: same seed on every rank, so LoRA's fresh adapters are identical everywhere
-    deepspeed.init_distributed(dist_backend="nccl" if scaling.use_gpu else "gloo")
-    seed_everything(config.run.seed)
-    tokenizer = load_tokenizer(plan["tokenizer_dir"])
-    ds_config = build_ds_config(train, config.zero, world, scaling.use_gpu)
-    # Kept alive for the model build: makes transformers load under zero.Init (stage 3).
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if config.zero.stage == 3 else None
-    model = build_causal_lm(None, plan["model_path"], vocab_size=len(tokenizer))
+    worker = setup_worker(config.run.seed, config.scaling.use_gpu)
+    rank, world, device = worker.rank, worker.world, worker.device
+    tokenizer = load_tokenizer(local_dir_of(plan.tokenizer_dir))
+    ds_config = build_ds_config(train, config.zero, world, config.scaling.use_gpu)
+    assert plan.model_path is not None
+    with zero3_construction(ds_config):
+        model = build_causal_lm(None, str(local_dir_of(plan.model_path)), len(tokenizer))
     # Exports stop generating at the end of the assistant's turn, in transformers and in serving.
-    model.generation_config.eos_token_id = plan["stop_token_ids"]
+    model.generation_config.eos_token_id = plan.stop_token_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if config.model.gradient_checkpointing:
         # Non-reentrant: frozen LoRA inputs carry no grad, which reentrant checkpointing needs.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora is not None:
         model = apply_lora(model, config.lora)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda optimizer: build_scheduler(optimizer, train),
-    )
-    del hf_ds_config
+    engine = build_train_engine(model, ds_config, train)
+    engines = {"model": engine}
 
     # --- resume: model (or adapters), optimizer, scheduler, RNG; data position from the step
-    start_step = restore(engine, config, plan)
-    if rank == 0 and start_step:
-        sys.stdout.write(f"[fmray] resumed from step {start_step}\n")
-    logger = MetricsLogger(plan["run_dir"], start_step, config.logging) if rank == 0 else None
-    if rank == 0:
-        record_placement_group(Path(plan["run_dir"]))
+    start_step = resume(engines, train, plan, kind)
+    if worker.is_chief:
+        if start_step:
+            print_line(f"resumed from step {start_step}")
+        record_placement_group(plan.run_dir)
+    logger = MetricsLogger(plan.run_dir, start_step, config.logging) if worker.is_chief else None
 
     micro, accum = train.micro_batch_size, train.grad_accum_steps
     global_batch = micro * accum * world
-    batches = train_batches(
+    batches = iter_train_batches(
         ray.train.get_dataset_shard(f"train_rank{rank}"),
         rank,
         world,
         micro,
         start_step,
         global_batch,
-        plan["num_train_rows"],
-        plan["seq_len"],
+        plan.num_train_rows,
+        plan.seq_len,
+        ROW_COLUMNS,
     )
     # The held-out rows are few and read every evaluation: fetch them once.
     eval_rows = list(
@@ -160,15 +163,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.get_dataset_shard(f"eval_rank{rank}"),
             micro,
             0,
-            rank_block_indices(rank, world, micro, 0, plan["num_eval_batches"] * micro * world),
+            rank_block_indices(rank, world, micro, 0, plan.num_eval_batches * micro * world),
             ROW_COLUMNS,
         )
     )
-    eval_share, num_counted = rank_share(plan["eval_conversations"], rank, world)
-    tokens_per_step = global_batch * plan["seq_len"]
+    eval_share, num_counted = rank_share(plan.eval_conversations, rank, world)
+    export = Export(kind, "model", tokenizer, config.checkpoint.export_hf)
     config_yaml = dump_config(config)
     # A Tune PBT segment stops early (and checkpoints) without changing the LR schedule.
-    stop_step = min(plan.get("stop_step") or train.max_steps, train.max_steps)
+    stop_step = min(plan.stop_step or train.max_steps, train.max_steps)
     run_start = time.perf_counter()
 
     for step in range(start_step, stop_step):
@@ -184,8 +187,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and config.zero.stage == 0:
-                # ZeRO stages report their norm; stage 0 does not, so take it before clipping.
-                grad_norm = grad_norm_of(engine.module)
+                grad_norm = grad_norm_of(engine.module)  # before clipping
             engine.step()
             loss_sum += loss.detach().float()
         done = step + 1
@@ -195,35 +197,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if done % train.log_every == 0 or done == stop_step:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
             step_time = time.perf_counter() - step_start
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "step": done,
-                "loss": loss_sum.item() / (accum * world),
-                "lr": engine.get_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens_per_s": tokens_per_step / step_time,
-                "step_time_s": step_time,
-                "elapsed_s": time.perf_counter() - run_start,
-            }
+            metrics = step_metrics(
+                done,
+                loss_sum.item(),
+                accum * world,
+                engine,
+                grad_norm,
+                global_batch * plan.seq_len,
+                step_time,
+                time.perf_counter() - run_start,
+            )
 
         # --- evaluate: eval loss on held-out rows, exact match of greedy answers
         evaluate = bool(train.eval_every and done % train.eval_every == 0) or done == stop_step
         if evaluate:
             metrics["step"] = done
             metrics["val_loss"] = eval_loss(engine, eval_rows, device)
-            if plan["eval_conversations"]:
+            if plan.eval_conversations:
                 metrics["val_exact_match"] = exact_match(
                     engine, tokenizer, eval_share, num_counted, config.eval, plan, device
                 )
-                if rank == 0 and config.logging.progress:
-                    # Written directly: Ray Train's patched print() echoes each line twice.
-                    sys.stdout.write(
-                        f"[fmray] eval step {done} | val_loss {metrics['val_loss']:.4f} | "
+                if worker.is_chief and config.logging.progress:
+                    print_line(
+                        f"eval step {done} | val_loss {metrics['val_loss']:.4f} | "
                         f"exact match {metrics['val_exact_match']:.3f} "
-                        f"({len(plan['eval_conversations'])} held-out)\n"
+                        f"({len(plan.eval_conversations)} held-out)"
                     )
-                    sys.stdout.flush()
         if logger and metrics:
             logger.log(metrics, train.max_steps)
 
@@ -233,120 +232,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         every = config.checkpoint.every_steps
         if (every and done % every == 0) or done == stop_step:
             metrics.setdefault("step", done)
-            local_dir = Path(tempfile.mkdtemp(prefix=f"fmray-ckpt-{rank}-"))
-            meta = {
-                "run": config.run.name,
-                "trial_id": plan.get("trial_id"),
-                "experiment": plan.get("experiment"),
-                "base_model": plan["model_path"],
-                "resumed_from_step": start_step,
-                "resumed_from": plan.get("resume_from"),  # PBT: the cloned trial's checkpoint
-            }
-            export = config.checkpoint.export_hf
-            if config.lora is not None:
-                scale = lora_scaling(config.lora)
-                save_adapter_checkpoint(
-                    engine, local_dir, done, config_yaml, meta, tokenizer, export, scale
-                )
-            else:
-                save_checkpoint(engine, local_dir, done, config_yaml, meta, tokenizer, export)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)),
-                checkpoint_dir_name=f"checkpoint_{done:08d}",
-            )
-            shutil.rmtree(local_dir, ignore_errors=True)
+            meta = lineage(config.run.name, plan, start_step)
+            checkpoint_and_report(metrics, done, engines, export, config_yaml, meta)
         elif evaluate:
             ray.train.report(metrics)
     if logger:
         logger.close()
-
-
-def record_placement_group(run_dir: Path) -> None:
-    """Append the workers' placement group id to <run dir>/placement_groups.txt.
-
-    Ray Train frees it when the run ends, or through a cleaner actor when its controller is
-    killed (Tune stopping a trial); that cleaner cannot find its cluster on a machine running
-    several Ray instances. With the id on record, Tune's driver frees it instead.
-    """
-    import ray.util
-
-    placement_group = ray.util.get_current_placement_group()
-    if placement_group is not None:
-        with (run_dir / "placement_groups.txt").open("a") as f:
-            f.write(placement_group.id.hex() + "\n")
-
-
-def restore(engine: Any, config: SFTConfig, plan: dict[str, Any]) -> int:
-    """Load the run's newest checkpoint (or checkpoint.resume's, or a Tune PBT donor's).
-
-    Returns the step to continue from. The learning rate and weight decay are then set from
-    this run's config, so a PBT-mutated value takes effect (for a plain resume it is the same).
-    """
-    import ray.train
-
-    from fmray.checkpoint import load_adapter_checkpoint, load_checkpoint, read_meta
-    from fmray.distributed.deepspeed_setup import lr_at
-
-    checkpoint = ray.train.get_checkpoint()
-    source = checkpoint.as_directory() if checkpoint else nullcontext(plan.get("resume_from"))
-    with source as ckpt_dir:
-        if ckpt_dir is None:
-            return 0
-        is_adapter = bool(read_meta(Path(ckpt_dir)).get("adapter"))
-        if is_adapter != (config.lora is not None):
-            kind = "a LoRA" if is_adapter else "a full fine-tuning"
-            raise ValueError(f"{ckpt_dir} is {kind} checkpoint; set lora.* to match it")
-        loader = load_adapter_checkpoint if is_adapter else load_checkpoint
-        step = loader(engine, Path(ckpt_dir))
-    scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [config.train.lr for _ in scheduler.base_lrs]
-    for group in scheduler.optimizer.param_groups:
-        group["lr"] = config.train.lr * lr_at(scheduler.last_epoch, config.train)
-        group["weight_decay"] = config.train.weight_decay
-    return step
-
-
-def train_batches(
-    shard: Any,
-    rank: int,
-    world: int,
-    micro: int,
-    start_step: int,
-    global_batch: int,
-    num_rows: int,
-    seq_len: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This rank's micro-batches from optimizer step `start_step` on, epoch after epoch.
-
-    SFT sets are usually small and seen for many epochs: a shard that fits in
-    IN_MEMORY_SHARD_BYTES is read once and replayed, since restarting a Ray Data read every
-    few steps would cost more than the steps it feeds.
-    """
-    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
-    from fmray.data.sft_data import ROW_COLUMNS
-
-    steps_per_epoch = num_rows // global_batch
-    limit = steps_per_epoch * global_batch
-    step_in_epoch = start_step % steps_per_epoch
-    if (limit // world) * seq_len * 3 * 8 <= IN_MEMORY_SHARD_BYTES:
-        expected = rank_block_indices(rank, world, micro, 0, limit)
-        epoch = list(iter_micro_batches(shard, micro, 0, expected, ROW_COLUMNS))
-        accum = global_batch // (micro * world)
-        index = step_in_epoch * accum
-        while True:
-            yield epoch[index % len(epoch)]
-            index += 1
-    while True:
-        start = step_in_epoch * global_batch
-        expected = rank_block_indices(rank, world, micro, start, limit)
-        yield from iter_micro_batches(shard, micro, start, expected, ROW_COLUMNS)
-        step_in_epoch = 0
-
-
-def grad_norm_of(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 @torch.no_grad()
@@ -370,23 +261,13 @@ def eval_loss(engine: Any, eval_rows: list[dict[str, np.ndarray]], device: Any) 
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def rank_share(items: list[Any], rank: int, world: int) -> tuple[list[Any], int]:
-    """This rank's strided share, padded to the common size; also how many are its own.
-
-    Equal sizes keep every rank's forward passes in step (ZeRO-3 gathers weights per forward).
-    """
-    share = items[rank::world]
-    size = -(-len(items) // world)
-    return share + items[: size - len(share)], len(share)
-
-
 def exact_match(
     engine: Any,
     tokenizer: Any,
     conversations: list[Any],
     num_counted: int,
     eval_cfg: EvalSection,
-    plan: dict[str, Any],
+    plan: SFTPlan,
     device: Any,
 ) -> float:
     """Fraction of held-out conversations (over all ranks) answered exactly by greedy decoding."""
@@ -398,7 +279,7 @@ def exact_match(
         engine.module,
         tokenizer,
         conversations,
-        plan["chat_template"],
+        plan.chat_template,
         eval_cfg.max_new_tokens,
         eval_cfg.batch_size,
         device,
@@ -412,39 +293,55 @@ def exact_match(
 # ----------------------------------------------------------------------------- driver
 
 
-def resolve_model_path(path: str) -> Path:
-    """An HF model directory, or the newest HF export with weights inside an fmray run folder."""
-    root = Path(path).expanduser().resolve()
-    if (root / "config.json").is_file():
-        return root
-    exports = [
-        p.parent
-        for p in sorted(root.glob("checkpoint_*/hf/config.json"))
-        if any(p.parent.glob("model*.safetensors"))
-    ]
-    if not exports:
-        raise ConfigError(
-            f"config error: model.path={path!r} is neither an HF model directory (config.json) "
-            "nor an fmray run folder with an exported checkpoint"
-        )
-    return exports[-1]
+def resolve_model_path(path: str) -> str:
+    """An HF model folder, or the newest HF export with weights inside an fmray run folder."""
+    from fmray.checkpoint import find_hf_export
+
+    try:
+        return find_hf_export(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config error: model.path={path!r}: {err}") from None
 
 
-def prepare_run(config: SFTConfig) -> dict[str, Any]:
-    """Driver-side work before the workers start: tokenizer + template, tokenized rows."""
+def check_inputs(config: SFTConfig) -> None:
+    """Fail before Ray starts: the model, the data files and checkpoint.resume must exist."""
+    from fmray.train.launch import check_resume
+
+    resolve_model_path(str(config.model.path))
+    for key, source in (
+        ("data.source", config.data.source),
+        ("data.eval_source", config.data.eval_source),
+    ):
+        if source not in (None, "builtin") and not storage.exists(storage.resolve(source)):
+            raise ConfigError(f"config error: {key}={source!r}: no such file or folder")
+    check_resume(config)
+
+
+def prepare_run(config: SFTConfig) -> SFTPlan:
+    """Driver-side work before the workers start: tokenizer + template, tokenized rows, all in
+    the run's storage."""
     from transformers import AutoConfig
 
-    from fmray.data.chat_template import chat_template_of
+    from fmray.data.chat_template import chat_template_of, stop_token_ids
     from fmray.data.sft_data import build_sft_data
     from fmray.data.tokenizer import load_tokenizer
-    from fmray.distributed.runtime import absolute_storage
-    from fmray.eval.exact_match import stop_token_ids
+    from fmray.train.launch import (
+        check_batch_geometry,
+        check_resume,
+        local_dir_of,
+        run_dir_of,
+        save_tokenizer,
+        stage_model,
+        write_run_config,
+    )
 
-    run_dir = Path(absolute_storage(config.run.output_dir)) / config.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir_of(config)
     model_path = resolve_model_path(str(config.model.path))
-    tokenizer = load_tokenizer(config.data.tokenizer or model_path)
-    vocab_size = AutoConfig.from_pretrained(str(model_path)).vocab_size
+    model_local = local_dir_of(model_path)
+    data = config.data
+    tokenizer_source = local_dir_of(storage.resolve(data.tokenizer)) if data.tokenizer else None
+    tokenizer = load_tokenizer(tokenizer_source or model_local)
+    vocab_size = AutoConfig.from_pretrained(str(model_local)).vocab_size
     if len(tokenizer) > vocab_size:
         raise ConfigError(
             f"config error: the tokenizer has {len(tokenizer)} tokens but model.path={model_path} "
@@ -452,160 +349,59 @@ def prepare_run(config: SFTConfig) -> dict[str, Any]:
         )
     # Saved with the tokenizer into every export, so serving formats prompts the same way.
     tokenizer.chat_template = chat_template_of(tokenizer)
-    tokenizer_dir = run_dir / "tokenizer"
-    tokenizer.save_pretrained(str(tokenizer_dir))
-    data = config.data
-    cache_root = Path(data.cache_dir) if data.cache_dir else run_dir / "data"
-    sft = build_sft_data(
-        data, config.run.seed, str(tokenizer_dir), tokenizer.chat_template, cache_root
+    tokenizer_dir = save_tokenizer(tokenizer, storage.join(run_dir, "tokenizer"))
+    cache_root = (
+        storage.resolve(data.cache_dir) if data.cache_dir else storage.join(run_dir, "data")
     )
-    num_eval_batches = check_batch_geometry(config, sft.num_train_rows, sft.num_eval_rows)
-    write_config(config, run_dir / "config.yaml")
+    sft = build_sft_data(
+        data, config.run.seed, str(local_dir_of(tokenizer_dir)), tokenizer.chat_template, cache_root
+    )
+    source = f"data.source={data.source!r}"
+    num_eval_batches = check_batch_geometry(config, sft.num_train_rows, sft.num_eval_rows, source)
+    write_run_config(config, run_dir)
     print(
         f"[fmray] data: {sft.num_train_rows} train / {sft.num_eval_rows} eval rows of "
         f"{sft.seq_len} tokens (packing={data.packing}) ({sft.root})"
     )
-    return {
-        "run_dir": str(run_dir),
-        "model_path": str(model_path),
-        "tokenizer_dir": str(tokenizer_dir),
-        "chat_template": tokenizer.chat_template,
-        "stop_token_ids": sorted(stop_token_ids(tokenizer)),
-        "rows_root": str(sft.root),
-        "seq_len": sft.seq_len,
-        "num_train_rows": sft.num_train_rows,
-        "num_eval_batches": num_eval_batches,
-        "eval_conversations": sft.eval_conversations[: config.eval.num_examples],
-        "resume_from": resume_dir(config),
-    }
-
-
-def check_batch_geometry(config: SFTConfig, num_train_rows: int, num_eval_rows: int) -> int:
-    """The number of eval micro-batches per worker; one-line errors if the data is too small."""
-    train, workers = config.train, config.scaling.num_workers
-    global_batch = train.micro_batch_size * train.grad_accum_steps * workers
-    if num_train_rows < global_batch:
-        raise ConfigError(
-            f"config error: global batch of {global_batch} rows (train.micro_batch_size x "
-            f"train.grad_accum_steps x scaling.num_workers) exceeds the {num_train_rows} "
-            f"training rows of data.source={config.data.source!r}"
-        )
-    num_eval_batches = min(train.eval_batches, num_eval_rows // (train.micro_batch_size * workers))
-    if num_eval_batches == 0:
-        raise ConfigError(
-            f"config error: {num_eval_rows} eval rows are fewer than train.micro_batch_size x "
-            "scaling.num_workers; add eval data or lower train.micro_batch_size"
-        )
-    return num_eval_batches
-
-
-def resume_dir(config: SFTConfig) -> str | None:
-    resume = config.checkpoint.resume
-    return None if resume in ("auto", "never") else str(Path(resume).resolve())
-
-
-def build_trainer(
-    config: SFTConfig, plan: dict[str, Any], callbacks: list[Any] | None = None
-) -> Any:
-    """The TorchTrainer: one worker per DeepSpeed rank, each reading its own rows."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from fmray.data.pipeline import rank_datasets
-    from fmray.distributed.runtime import absolute_storage
-
-    train, workers = config.train, config.scaling.num_workers
-    micro = train.micro_batch_size
-    root = Path(plan["rows_root"])
-    global_batch = micro * train.grad_accum_steps * workers
-    train_limit = (plan["num_train_rows"] // global_batch) * global_batch
-    eval_limit = plan["num_eval_batches"] * micro * workers
-    datasets = {
-        **rank_datasets(root / "train", workers, micro, train_limit, "train"),
-        **rank_datasets(root / "eval", workers, micro, eval_limit, "eval"),
-    }
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan},
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=config.run.name,
-            storage_path=absolute_storage(config.run.output_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
-            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
+    return SFTPlan(
+        run_dir=run_dir,
+        tokenizer_dir=tokenizer_dir,
+        train_data=storage.join(sft.root, "train"),
+        eval_data=storage.join(sft.root, "eval"),
+        seq_len=sft.seq_len,
+        num_train_rows=sft.num_train_rows,
+        num_eval_batches=num_eval_batches,
+        model_path=stage_model(model_path, run_dir),
+        resume_from=check_resume(config),
+        chat_template=tokenizer.chat_template,
+        stop_token_ids=stop_token_ids(tokenizer),
+        eval_conversations=sft.eval_conversations[: config.eval.num_examples],
     )
 
 
-def check_inputs(config: SFTConfig) -> None:
-    """Fail before Ray starts: the model, the data files and checkpoint.resume must exist."""
-    from fmray.distributed.runtime import absolute_storage
+def build_trainer(config: SFTConfig, plan: SFTPlan, callbacks: list[Any] | None = None) -> Any:
+    from fmray.train.launch import build_trainer as build
 
-    resolve_model_path(str(config.model.path))
-    for key, source in (
-        ("data.source", config.data.source),
-        ("data.eval_source", config.data.eval_source),
-    ):
-        if source not in (None, "builtin") and not Path(source).exists():
-            raise ConfigError(f"config error: {key}={source!r}: no such file or folder")
-    run_dir = Path(absolute_storage(config.run.output_dir)) / config.run.name
-    resume = config.checkpoint.resume
-    if resume == "never" and any(run_dir.glob("checkpoint_*")):
-        raise ConfigError(
-            f"config error: checkpoint.resume=never but {run_dir} already holds checkpoints "
-            "(choose another run.name, or checkpoint.resume=auto)"
-        )
-    if resume not in ("auto", "never") and not (Path(resume) / "fmray.json").is_file():
-        raise ConfigError(
-            f"config error: checkpoint.resume={resume!r} is not an fmray checkpoint directory "
-            "(allowed: auto, never, or a checkpoint folder)"
-        )
+    return build(config, plan, train_loop, callbacks)
 
 
 def run(config: SFTConfig, address: str | None = None) -> Any:
     from fmray.distributed.runtime import init_ray
+    from fmray.train.launch import checkpoint_location, print_summary
 
     check_inputs(config)
     init_ray(address, config.scaling.num_workers * config.scaling.cpus_per_worker)
     plan = prepare_run(config)
     result = build_trainer(config, plan).fit()
-    print_summary(config, plan, result)
-    return result
-
-
-def print_summary(config: SFTConfig, plan: dict[str, Any], result: Any) -> None:
-    run_dir = plan["run_dir"]
-    print("[fmray] done.")
-    print(f"  run folder    {run_dir}")
-    print(f"  base model    {plan['model_path']}")
-    print(f"  config        {run_dir}/config.yaml")
-    print(f"  metrics       {run_dir}/metrics.jsonl (TensorBoard: {run_dir}/tensorboard)")
+    outputs = [("base model", plan.model_path or "")]
     if result.checkpoint is not None:
-        path = result.checkpoint.path
-        print(f"  checkpoint    {path}")
+        location = checkpoint_location(result.checkpoint)
         kind = "merged LoRA" if config.lora is not None else "full"
-        print(f"  HF export     {path}/hf ({kind} model, tokenizer, chat template)")
+        outputs.append(
+            ("HF export", f"{storage.join(location, 'hf')} ({kind} model, chat template)")
+        )
         if config.lora is not None:
-            print(f"  adapter       {path}/adapter (peft)")
-    if result.metrics:
-        keys = ("step", "loss", "val_loss", "val_exact_match")
-        shown = {k: round(v, 4) for k, v in result.metrics.items() if k in keys}
-        print(f"  final         {shown}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from fmray.cli import main
-
-    main(["sft", *sys.argv[1:]])
+            outputs.append(("adapter", f"{storage.join(location, 'adapter')} (peft)"))
+    keys = ("step", "loss", "val_loss", "val_exact_match")
+    print_summary(plan.run_dir, result, outputs, keys)
+    return result

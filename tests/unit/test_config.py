@@ -126,14 +126,15 @@ def test_partial_override_keeps_recipe_defaults() -> None:
 
 
 def test_resume_modes_are_checked_before_ray(tmp_path: Path) -> None:
-    from fmray.train.pretrain import check_resume_mode
+    from fmray.train.launch import check_resume
 
     (tmp_path / "r" / "checkpoint_00000010").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoint_00000010" / "fmray.json").write_text('{"step": 10}')
     overrides = [f"run.output_dir={tmp_path}", "run.name=r", "checkpoint.resume=never"]
     never = load_config(PretrainConfig, None, overrides)
     with pytest.raises(ConfigError, match="checkpoint.resume=never but .* already holds"):
-        check_resume_mode(never)
+        check_resume(never)
     bad_path = load_config(PretrainConfig, None, [f"checkpoint.resume={tmp_path}/nope"])
     with pytest.raises(ConfigError, match="is not an fmray checkpoint directory"):
-        check_resume_mode(bad_path)
-    check_resume_mode(load_config(PretrainConfig, None, [f"run.output_dir={tmp_path}"]))
+        check_resume(bad_path)
+    check_resume(load_config(PretrainConfig, None, [f"run.output_dir={tmp_path}"]))

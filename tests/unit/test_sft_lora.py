@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fmray.checkpoint import META_FILE, export_adapter_checkpoint, is_adapter_checkpoint
+from fmray.checkpoint import META_FILE, export_checkpoint
 from fmray.models.lora import LoraSection, apply_lora, lora_scaling, merged_state_dict, save_adapter
 
 LORA = LoraSection(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -70,21 +70,20 @@ def test_adapter_checkpoint_exports_adapter_and_merged_model(
     for path in tiny_model_dir.iterdir():
         if "token" in path.name:
             shutil.copy2(path, ckpt / "hf" / path.name)
-    meta = {"step": 3, "tag": "step_3", "world_size": 1, "adapter": True}
+    meta = {"kind": "lora", "modules": ["model"], "step": 3, "tag": "step_3", "world_size": 1}
     (ckpt / META_FILE).write_text(json.dumps({**meta, "base_model": str(tiny_model_dir)}))
-    assert is_adapter_checkpoint(ckpt)
 
     input_ids = torch.randint(0, 500, (1, 20))
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
-    merged_dir = export_adapter_checkpoint(ckpt, tmp_path / "merged", merged=True)
+    merged_dir = export_checkpoint(str(ckpt), tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert not any("lora" in k for k in merged.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=0)
     assert (merged_dir / "tokenizer.json").is_file()
 
-    adapter_dir = export_adapter_checkpoint(ckpt, tmp_path / "adapter_only", merged=False)
+    adapter_dir = export_checkpoint(str(ckpt), tmp_path / "adapter_only", adapter_only=True)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -10,7 +10,8 @@ import torch
 
 from fmray.config import ConfigError, load_config, validate_config
 from fmray.eval.exact_match import greedy_generate, is_exact_match
-from fmray.train.sft import SFTConfig, rank_share, resolve_model_path
+from fmray.train.sft import SFTConfig, resolve_model_path
+from fmray.train.worker import rank_share
 from tests.conftest import REPO_ROOT
 
 
@@ -39,13 +40,15 @@ def test_lora_is_enabled_by_any_lora_key() -> None:
 
 
 def test_model_path_may_be_a_run_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
-    assert resolve_model_path(str(tiny_model_dir)) == tiny_model_dir.resolve()
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir.resolve())
     for step in (40, 120):
         shutil.copytree(tiny_model_dir, tmp_path / f"checkpoint_{step:08d}" / "hf")
+        (tmp_path / f"checkpoint_{step:08d}" / "fmray.json").write_text(f'{{"step": {step}}}')
     (tmp_path / "checkpoint_00000160" / "hf").mkdir(parents=True)  # no weights: skipped
     (tmp_path / "checkpoint_00000160" / "hf" / "config.json").write_text("{}")
-    assert resolve_model_path(str(tmp_path)) == tmp_path / "checkpoint_00000120" / "hf"
-    with pytest.raises(ConfigError, match="is neither an HF model directory"):
+    (tmp_path / "checkpoint_00000160" / "fmray.json").write_text('{"step": 160}')
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path / "checkpoint_00000120" / "hf")
+    with pytest.raises(ConfigError, match="is neither an HF model folder"):
         resolve_model_path(str(tmp_path / "nothing"))
 
 

@@ -1,0 +1,195 @@
+"""Driver-side pieces every recipe shares: the run folder, staging inputs into the run's storage,
+the TorchTrainer, placement-group records and the final summary.
+
+A recipe's `run(config)` reads: check_inputs -> init_ray -> prepare_run (recipe-specific, using
+the helpers here) -> build_trainer(...).fit() -> print_summary.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fmray import storage
+from fmray.config import ConfigError, dump_config
+from fmray.train.plan import TrainPlan
+
+CONFIG_FILE = "config.yaml"
+PLACEMENT_GROUPS_FILE = "placement_groups.txt"
+
+
+def run_dir_of(config: Any) -> str:
+    """<run.output_dir>/<run.name>: an absolute local path or a URI."""
+    return storage.join(storage.resolve(config.run.output_dir), config.run.name)
+
+
+def check_resume(config: Any) -> str | None:
+    """checkpoint.resume: 'auto' and 'never' (which refuses a run folder that already holds
+    checkpoints) give None; anything else must be a checkpoint folder, returned resolved."""
+    from fmray.checkpoint import list_checkpoints
+
+    resume = config.checkpoint.resume
+    run_dir = run_dir_of(config)
+    if resume == "never" and list_checkpoints(run_dir):
+        raise ConfigError(
+            f"config error: checkpoint.resume=never but {run_dir} already holds checkpoints "
+            "(choose another run.name, or checkpoint.resume=auto)"
+        )
+    if resume in ("auto", "never"):
+        return None
+    location = storage.resolve(resume)
+    if not storage.is_file(storage.join(location, "fmray.json")):
+        raise ConfigError(
+            f"config error: checkpoint.resume={resume!r} is not an fmray checkpoint directory "
+            "(allowed: auto, never, or a checkpoint folder)"
+        )
+    return location
+
+
+def write_run_config(config: Any, run_dir: str) -> None:
+    storage.write_text(storage.join(run_dir, CONFIG_FILE), dump_config(config))
+
+
+def save_tokenizer(tokenizer: Any, location: str) -> str:
+    """Save a tokenizer to `location` (local or remote) and return the location."""
+    staging = storage.staging_dir(location)
+    tokenizer.save_pretrained(str(staging))
+    if not storage.is_remote(location):
+        shutil.rmtree(storage.resolve(location), ignore_errors=True)
+    storage.publish_dir(staging, location)
+    return location
+
+
+def stage_model(model_dir: str, run_dir: str) -> str:
+    """The base-model folder the workers load: `model_dir` itself, unless the run lives in
+    remote storage and the model on this machine; then it is uploaded once into
+    <run dir>/base_model, so workers on other nodes reach it."""
+    if storage.is_remote(model_dir) or not storage.is_remote(run_dir):
+        return model_dir
+    target = storage.join(run_dir, "base_model")
+    local_names = sorted(p.name for p in Path(model_dir).iterdir() if p.is_file())
+    if storage.list_names(target) != local_names:
+        print(f"[fmray] uploading the base model {model_dir} -> {target}")
+        storage.upload_dir(model_dir, target)
+    return target
+
+
+def local_dir_of(location: str) -> Path:
+    """A local folder holding `location`'s files (downloaded into a fresh temporary folder when
+    remote; the caller's process owns it)."""
+    return storage.local_copy(location, tempfile.mkdtemp(prefix="fmray-input-"))
+
+
+def build_trainer(
+    config: Any,
+    plan: TrainPlan,
+    train_loop: Any,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TorchTrainer: one worker per DeepSpeed rank, each reading its own train and eval
+    rows (strided by micro-batch, see fmray.data.pipeline)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fmray.data.pipeline import rank_datasets
+
+    train, scaling = config.train, config.scaling
+    workers, micro = scaling.num_workers, train.micro_batch_size
+    global_batch = micro * train.grad_accum_steps * workers
+    train_limit = (plan.num_train_rows // global_batch) * global_batch
+    eval_limit = plan.num_eval_batches * micro * workers
+    datasets = {
+        **rank_datasets(plan.train_data, workers, micro, train_limit, "train"),
+        **rank_datasets(plan.eval_data, workers, micro, eval_limit, "eval"),
+    }
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "plan": plan},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=storage.resolve(config.run.output_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+
+
+def check_batch_geometry(
+    config: Any, num_train_rows: int, num_eval_rows: int, source_key: str
+) -> int:
+    """Eval micro-batches per worker; one-line errors if the data is too small for the batch."""
+    train, workers = config.train, config.scaling.num_workers
+    global_batch = train.micro_batch_size * train.grad_accum_steps * workers
+    if num_train_rows < global_batch:
+        raise ConfigError(
+            f"config error: global batch of {global_batch} rows (train.micro_batch_size x "
+            f"train.grad_accum_steps x scaling.num_workers) exceeds the {num_train_rows} "
+            f"training rows of {source_key}"
+        )
+    num_eval_batches = min(train.eval_batches, num_eval_rows // (train.micro_batch_size * workers))
+    if num_eval_batches == 0:
+        raise ConfigError(
+            f"config error: {num_eval_rows} held-out rows are fewer than train.micro_batch_size "
+            "x scaling.num_workers; add held-out data or lower train.micro_batch_size"
+        )
+    return num_eval_batches
+
+
+def record_placement_group(run_dir: str) -> None:
+    """Append the workers' placement group id to <run dir>/placement_groups.txt (rank 0).
+
+    Ray Train frees it when the run ends, or through a cleaner actor when its controller is
+    killed (Tune stopping a trial); that cleaner cannot find its cluster on a machine running
+    several Ray instances. With the id on record, Tune's driver frees it instead.
+    """
+    import ray.util
+
+    placement_group = ray.util.get_current_placement_group()
+    if placement_group is None:
+        return
+    path = storage.join(run_dir, PLACEMENT_GROUPS_FILE)
+    known = storage.read_text(path) if storage.is_file(path) else ""
+    storage.write_text(path, known + placement_group.id.hex() + "\n")
+
+
+def print_summary(
+    run_dir: str, result: Any, outputs: list[tuple[str, str]], final_keys: tuple[str, ...]
+) -> None:
+    """Where everything went, and the final metrics."""
+    print("[fmray] done.")
+    rows = [
+        ("run folder", run_dir),
+        ("config", storage.join(run_dir, CONFIG_FILE)),
+        ("metrics", f"{storage.join(run_dir, 'metrics.jsonl')} (TensorBoard: tensorboard/)"),
+    ]
+    if result.checkpoint is not None:
+        rows.append(("checkpoint", checkpoint_location(result.checkpoint)))
+    rows += outputs
+    for label, value in rows:
+        print(f"  {label:<13} {value}")
+    if result.metrics:
+        shown = {k: round(v, 4) for k, v in result.metrics.items() if k in final_keys}
+        print(f"  {'final':<13} {shown}")
+
+
+def checkpoint_location(checkpoint: Any) -> str:
+    """A Ray Train checkpoint as fmray names locations: a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    scheme = checkpoint.filesystem.type_name.replace("gcs", "gs")
+    return f"{scheme}://{checkpoint.path}"

@@ -1,0 +1,129 @@
+"""What every recipe's worker does before its loop, and the engines it builds.
+
+Engine building, in order: (1) `zero3_construction` around the model build, so under ZeRO-3
+transformers creates parameters already partitioned (`zero.Init`) and a large model never
+exists whole on one rank; (2) recipe-specific wrapping (LoRA, heads); (3) `build_train_engine`
+(optimizer + LR schedule) for what trains, `build_frozen_engine` (no optimizer) for frozen
+reference and reward models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fmray.config import TrainSection
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def setup_worker(seed: int, use_gpu: bool) -> Worker:
+    """Distributed init (nccl on GPU, gloo on CPU; DeepSpeed reuses Ray Train's process group)
+    and the same seed on every rank, so fresh weights are identical everywhere."""
+    import deepspeed
+    import ray.train
+
+    from fmray.distributed.runtime import seed_everything
+
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    seed_everything(seed)
+    return Worker(context.get_world_rank(), context.get_world_size(), device)
+
+
+@contextmanager
+def zero3_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Build models inside this block to have ZeRO-3 partition them as they are created.
+
+    transformers consults a process-wide DeepSpeed config while it constructs a model; it is
+    set for this block only, so a later model (a frozen reference, a reward model) is built
+    under the config meant for it.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    active = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del active
+
+
+def build_train_engine(
+    model: torch.nn.Module, ds_config: dict[str, Any], train: TrainSection
+) -> Any:
+    """A DeepSpeed engine that trains `model`'s parameters with requires_grad."""
+    import deepspeed
+
+    from fmray.distributed.deepspeed_setup import build_scheduler
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, train),
+    )
+    return engine
+
+
+def build_frozen_engine(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    """An inference-only engine (no optimizer, no gradients) for a frozen model: under ZeRO-3
+    its parameters stay partitioned and are gathered layer by layer in each forward."""
+    import deepspeed
+
+    from fmray.distributed.deepspeed_setup import frozen_ds_config
+
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=frozen_ds_config(ds_config))
+    engine.eval()
+    return engine
+
+
+def apply_schedule(engine: Any, train: TrainSection) -> None:
+    """Set the optimizer's LR and weight decay from `train` at the engine's current step.
+
+    After a resume this is a no-op for the same config; for a Tune PBT clone it makes the
+    mutated values take effect from the cloned step on.
+    """
+    from fmray.distributed.deepspeed_setup import lr_at
+
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [train.lr for _ in scheduler.base_lrs]
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = train.lr * lr_at(scheduler.last_epoch, train)
+        group["weight_decay"] = train.weight_decay
+
+
+def grad_norm_of(module: torch.nn.Module) -> float:
+    """Global gradient norm before clipping (ZeRO stages report theirs; stage 0 does not)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def rank_share(items: list[Any], rank: int, world: int) -> tuple[list[Any], int]:
+    """This rank's strided share, padded to the common size; also how many are its own.
+
+    Equal sizes keep every rank's forward passes in step (ZeRO-3 gathers weights per forward).
+    """
+    share = items[rank::world]
+    size = -(-len(items) // world)
+    return share + items[: size - len(share)], len(share)
