@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -166,9 +175,13 @@ class LoggingSection(Section):
     """Write TensorBoard event files to <run dir>/tensorboard."""
     progress: bool = True
     """Print a progress line on rank 0."""
+    verbose: bool = False
+    """Show Ray's own log lines on the console too (they are always in Ray's log folder)."""
 
 
 C = TypeVar("C", bound=BaseModel)
+# Raw config values named by where they came from: a YAML file's path, "the command line".
+ConfigLayer = tuple[str, dict[str, Any]]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -213,11 +226,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_layers(path: str | Path | None, overrides: list[str] | None = None) -> list[ConfigLayer]:
+    """The raw values of a YAML file (optional) and of dotted overrides, each named by origin."""
+    layers = [(str(path), read_yaml(path))] if path else []
+    if overrides:
+        layers.append(("the command line", parse_overrides(overrides)))
+    return layers
+
+
+def merge_layers(layers: Sequence[ConfigLayer]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for _, tree in layers:
+        data = deep_merge(data, tree)
+    return data
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
     """YAML file (optional) + dotted overrides -> validated config, or one-line ConfigError."""
-    data = read_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return validate_config(cls, data)
+    return validate_config(cls, merge_layers(read_layers(path, overrides)))
 
 
 def validate_config(cls: type[C], data: dict[str, Any]) -> C:
@@ -262,30 +288,124 @@ def section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def describe_config(cls: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per key: dotted name, type, default and meaning (for --help)."""
+def describe_config(cls: type[BaseModel], layers: Sequence[ConfigLayer] = ()) -> list[str]:
+    """One line per key for --help: dotted name, type, the value a run would use, meaning.
+
+    Defaults are the field defaults' own values (a recipe's `TrainSection(lr=1e-4)`), not the
+    section classes'. Values from `layers` (the --config file, then the command line) are shown
+    with where they came from. Nothing is validated, so help works on incomplete configs.
+    """
+    return _describe_section(cls, None, merge_layers(layers), list(layers), ())
+
+
+_REQUIRED = object()
+_UNSET = object()
+
+
+def _describe_section(
+    cls: type[BaseModel],
+    defaults: BaseModel | None,
+    given: dict[str, Any],
+    layers: list[ConfigLayer],
+    path: tuple[str, ...],
+) -> list[str]:
     lines: list[str] = []
     for name, field in cls.model_fields.items():
-        key = f"{prefix}{name}"
-        sub = section_type(field.annotation)
-        if sub is not None:
-            lines.extend(describe_config(sub, prefix=f"{key}."))
-            continue
-        if typing.get_origin(field.annotation) is dict:
-            value_section = section_type(typing.get_args(field.annotation)[-1])
-            if value_section is not None:
-                # A mapping of named sections (serve's models): one entry's keys, named <name>.
-                lines.append(f"  {key} (mapping of name -> entry): {field.description or ''}")
-                lines.extend(describe_config(value_section, prefix=f"{key}.<name>."))
-                continue
-        type_name = getattr(field.annotation, "__name__", str(field.annotation))
-        type_name = str(type_name).replace("typing.", "")
-        if field.is_required():
-            default_text = "required"
+        if defaults is not None:
+            default = getattr(defaults, name)
+        elif field.is_required():
+            default = _REQUIRED
         else:
-            default_text = f"default {field.get_default(call_default_factory=True)!r}"
-        lines.append(f"  {key} ({type_name}, {default_text}): {field.description or ''}")
+            default = field.get_default(call_default_factory=True)
+        value = given.get(name, _UNSET)
+        lines.extend(_describe_field(field, default, value, layers, (*path, name)))
     return lines
+
+
+def _describe_field(
+    field: FieldInfo, default: Any, value: Any, layers: list[ConfigLayer], path: tuple[str, ...]
+) -> list[str]:
+    key, about = ".".join(path), " ".join((field.description or "").split())
+    sub = section_type(field.annotation)
+    if sub is not None:
+        lines = []
+        if not isinstance(default, BaseModel):
+            # An optional section (`lora: LoraSection | None = None`): setting a key enables it.
+            shown = _value_text(default, value, layers, path, section=True)
+            lines.append(f"  {key} (optional section, {shown}): {about}")
+        return lines + _describe_section(
+            sub,
+            default if isinstance(default, BaseModel) else None,
+            value if isinstance(value, dict) else {},
+            layers,
+            path,
+        )
+    entry = mapping_section(field.annotation)
+    if entry is not None:
+        # A mapping of named sections (serve's models): given entries replace the default ones.
+        lines = [f"  {key} (mapping of name -> entry): {about}"]
+        entries = value if isinstance(value, dict) and value else {}
+        defaults = {} if entries or not isinstance(default, dict) else default
+        for name in list(entries or defaults) or ["<name>"]:
+            entry_default = defaults.get(name)
+            entry_value = entries.get(name)
+            lines += _describe_section(
+                entry,
+                entry_default if isinstance(entry_default, BaseModel) else None,
+                entry_value if isinstance(entry_value, dict) else {},
+                layers,
+                (*path, name),
+            )
+        return lines
+    type_name = str(field.annotation).replace("typing.", "")
+    if typing.get_origin(field.annotation) is None:
+        type_name = getattr(field.annotation, "__name__", type_name)
+    if value is not _UNSET:
+        value = _as_field_type(field, value)
+    return [f"  {key} ({type_name}, {_value_text(default, value, layers, path)}): {about}"]
+
+
+def _as_field_type(field: FieldInfo, value: Any) -> Any:
+    """A given value as the run would see it ('3e-4' -> 0.0003), or as given if it is invalid."""
+    try:
+        return TypeAdapter(field.annotation).validate_python(value)
+    except (ValidationError, TypeError, ValueError):
+        return value
+
+
+def mapping_section(annotation: Any) -> type[BaseModel] | None:
+    """The entry Section of an annotation like `dict[str, ModelEntry]`, if any."""
+    if typing.get_origin(annotation) is not dict:
+        return None
+    return section_type(typing.get_args(annotation)[-1])
+
+
+def _value_text(
+    default: Any,
+    value: Any,
+    layers: list[ConfigLayer],
+    path: tuple[str, ...],
+    section: bool = False,
+) -> str:
+    default_text = "required" if default is _REQUIRED else f"default {default!r}"
+    if value is _UNSET:
+        return default_text
+    shown = "set" if section and isinstance(value, dict) else repr(value)
+    return f"{shown} from {value_source(layers, path)}; {default_text}"
+
+
+def value_source(layers: Sequence[ConfigLayer], path: tuple[str, ...]) -> str:
+    """Name of the last layer that sets the dotted `path` (later layers win)."""
+    source = ""
+    for name, tree in layers:
+        node: Any = tree
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            source = name
+    return source
 
 
 def dump_config(config: BaseModel) -> str:

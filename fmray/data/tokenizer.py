@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer trained on a corpus, saved as an HF tokenizer directory.
 
     fmray tokenizer data.num_documents=5000 data.vocab_size=1024 output=my_tokenizer
-    python -m fmray.data.tokenizer data.source=corpus.jsonl data.vocab_size=32000
+    python -m fmray tokenizer data.source=corpus.jsonl data.vocab_size=32000
 
 `fmray pretrain` runs this itself (into <run dir>/tokenizer) unless data.tokenizer is set.
 
@@ -74,9 +74,3 @@ def run(config: TokenizerConfig) -> Path:
     tokenizer = train_tokenizer(texts, config.data.vocab_size, out_dir)
     print(f"[fmray] tokenizer ({len(tokenizer)} tokens) written to {out_dir.resolve()}")
     return out_dir
-
-
-if __name__ == "__main__":
-    from fmray.cli import main
-
-    main(["tokenizer", *__import__("sys").argv[1:]])

@@ -28,13 +28,17 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def init_ray(address: str | None = None, required_cpus: float = 0.0) -> None:
+def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray instance.
 
     A local instance advertises at least `required_cpus` + 1 CPUs: training workers hold their
     CPUs for the whole run, and Ray Data's reading tasks need a little room beside them.
+    Unless `verbose`, the console shows fmray's lines, warnings and errors, not Ray's INFO lines
+    (fmray.distributed.console); Ray's log folder keeps everything either way.
     """
     import ray
+
+    from fmray.distributed.console import install_console_filter, quiet_driver_loggers
 
     if ray.is_initialized():
         return
@@ -51,6 +55,9 @@ def init_ray(address: str | None = None, required_cpus: float = 0.0) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+    if not verbose:
+        install_console_filter()
+        quiet_driver_loggers()
 
 
 def seed_everything(seed: int) -> None:

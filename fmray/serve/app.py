@@ -168,11 +168,3 @@ def print_usage(config: ServeConfig) -> None:
     print(f"  try              curl {base}/v1/chat/completions{auth} \\")
     print(f"                     -H 'Content-Type: application/json' -d '{body}'")
     print("  stop             Ctrl-C")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from fmray.cli import main
-
-    main(["serve", *sys.argv[1:]])

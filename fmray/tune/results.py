@@ -100,7 +100,7 @@ def write_best_config(
     header: str,
 ) -> None:
     """The best trial's recipe config as YAML that the recipe's command accepts."""
-    from fmray.tune.trial import recipe_config_class
+    from fmray.recipes import recipe_config_class
 
     config_class = recipe_config_class(config.recipe)
     tree = apply_params(base, {**params, "run.name": f"{config.run.name}-best"})

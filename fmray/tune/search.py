@@ -34,21 +34,16 @@ from fmray.config import (
     set_dotted,
     validate_config,
 )
-from fmray.tune.space import Distribution, apply_params, check_values, parse_search_space
-from fmray.tune.trial import (
-    ReleaseStoppedTrials,
+from fmray.recipes import (
+    get_recipe,
+    pbt_recipes,
     recipe_config_class,
     recipe_module,
-    run_trial,
+    tunable_recipes,
 )
+from fmray.tune.space import Distribution, apply_params, check_values, parse_search_space
+from fmray.tune.trial import ReleaseStoppedTrials, run_trial
 
-# Recipes whose module exposes prepare_run(config) -> plan and build_trainer(config, plan), and
-# the metrics their evaluations report. PBT also needs the plan's stop_step (segments).
-TUNABLE_METRICS = {
-    "sft": ("val_loss", "val_exact_match", "loss"),
-    "pretrain": ("val_loss", "loss"),
-}
-PBT_RECIPES = ("sft",)
 # A trial's own process only drives its TorchTrainer; its workers hold the real resources.
 TRIAL_DRIVER_CPUS = 0.1
 # Left free beside the trials for Ray Data's reading tasks and the trial drivers.
@@ -73,7 +68,7 @@ class SchedulerSection(Section):
 class TuneConfig(Section):
     run: RunSection = RunSection(name="tune")
     recipe: str = "sft"
-    """Recipe whose config is searched: sft or pretrain."""
+    """Recipe whose config is searched (tunable recipes are marked in fmray.recipes)."""
     base: str | None = None
     """YAML config of the recipe (e.g. jobs/sft/tiny.yaml) that every trial starts from."""
     overrides: dict[str, Any] = {}
@@ -102,9 +97,12 @@ class TuneConfig(Section):
 
     @model_validator(mode="after")
     def _check_search(self) -> TuneConfig:
-        if self.recipe not in TUNABLE_METRICS:
-            raise ValueError(f"recipe={self.recipe!r} cannot be tuned (allowed: sft, pretrain)")
-        metrics = TUNABLE_METRICS[self.recipe]
+        tunable = tunable_recipes()
+        if self.recipe not in tunable:
+            raise ValueError(
+                f"recipe={self.recipe!r} cannot be tuned (allowed: {', '.join(tunable)})"
+            )
+        metrics = get_recipe(self.recipe).tunable_metrics
         if self.metric not in metrics:
             raise ValueError(
                 f"metric={self.metric!r} is not reported by {self.recipe} "
@@ -115,8 +113,11 @@ class TuneConfig(Section):
         except ConfigError as err:
             raise ValueError(str(err).removeprefix("config error: ")) from None
         if self.scheduler.name == "pbt":
-            if self.recipe not in PBT_RECIPES:
-                raise ValueError(f"scheduler.name=pbt needs recipe in {PBT_RECIPES}")
+            if not get_recipe(self.recipe).pbt:
+                raise ValueError(
+                    f"scheduler.name=pbt needs a recipe that runs in segments "
+                    f"(allowed: {', '.join(pbt_recipes())})"
+                )
             if any(d.kind == "grid" for d in space.values()):
                 raise ValueError("scheduler.name=pbt cannot mutate grid([...]); use choice([...])")
         return self
@@ -305,11 +306,3 @@ def run(config: TuneConfig, address: str | None = None) -> Any:
     results = tuner.fit()
     summarize(results, config, user_base, space, exp_dir)
     return results
-
-
-if __name__ == "__main__":
-    import sys
-
-    from fmray.cli import main
-
-    main(["tune", *sys.argv[1:]])

@@ -10,32 +10,17 @@ frees the workers of trials Tune stopped.
 
 from __future__ import annotations
 
-import importlib
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
-from pydantic import BaseModel
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from fmray.recipes import recipe_config_class, recipe_module
 from fmray.tune.space import apply_params
-
-
-def recipe_config_class(recipe: str) -> type[BaseModel]:
-    return getattr(recipe_module(recipe), recipe_command(recipe).config_class)
-
-
-def recipe_module(recipe: str) -> Any:
-    return importlib.import_module(recipe_command(recipe).module)
-
-
-def recipe_command(recipe: str) -> Any:
-    from fmray.cli import COMMANDS
-
-    return COMMANDS[recipe]
 
 
 class EvalReportCallback(TuneReportCallback):

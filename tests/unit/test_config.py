@@ -71,7 +71,7 @@ def test_cli_rejects_bad_config_before_ray_starts() -> None:
         [
             sys.executable,
             "-m",
-            "fmray.cli",
+            "fmray",
             "pretrain",
             "--config",
             str(TINY),
@@ -92,24 +92,88 @@ def test_cli_rejects_bad_config_before_ray_starts() -> None:
     assert time.perf_counter() - start < 60
 
 
-def test_cli_help_lists_every_key() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmray.cli", "pretrain", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=120,
-    )
-    assert proc.returncode == 0
+def cli_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    from fmray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_cli_help_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli_help(capsys, ["pretrain", "--help"])
     for key in (
         "train.lr (float, default 0.001): Peak learning rate.",
+        "run.name (str, default 'pretrain')",
         "zero.stage",
         "checkpoint.resume",
         "scaling.num_workers",
         "data.seq_len",
         "logging.tensorboard",
+        "logging.verbose (bool, default False)",
     ):
-        assert key in proc.stdout
+        assert key in out
+
+
+def test_help_shows_the_recipe_defaults_not_the_section_classes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # SFTConfig needs model.path to validate; help must not.
+    out = cli_help(capsys, ["sft", "--help"])
+    assert "  train.lr (float, default 0.0001): Peak learning rate." in out
+    assert "  train.max_steps (int, default 200):" in out
+    assert "  train.eval_every (int, default 50):" in out
+    assert "  run.name (str, default 'sft'):" in out
+    # An optional section still lists its keys.
+    assert "  lora (optional section, default None):" in out
+    assert "  lora.r (int, default 8):" in out
+
+
+def test_help_with_a_config_file_shows_the_values_a_run_would_use(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    argv = ["sft", "--config", "jobs/sft/tiny.yaml", "--help", "train.lr=3e-4", "lora.r=4"]
+    out = cli_help(capsys, argv)
+    assert "from jobs/sft/tiny.yaml and the command line" in out
+    assert "  train.max_steps (int, 150 from jobs/sft/tiny.yaml; default 200):" in out
+    assert "  run.name (str, 'sft-tiny' from jobs/sft/tiny.yaml; default 'sft'):" in out
+    assert "  zero.stage (int, 2 from jobs/sft/tiny.yaml; default 0):" in out
+    # Overrides after --help count too, parsed as the run would parse them.
+    assert "  train.lr (float, 0.0003 from the command line; default 0.0001):" in out
+    assert "  lora (optional section, set from the command line; default None):" in out
+    assert "  lora.r (int, 4 from the command line; default 8):" in out
+    assert "  lora.alpha (float, default 16.0):" in out
+    assert "  train.grad_accum_steps (int, default 1):" in out
+
+
+def test_help_shows_invalid_values_instead_of_failing(capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli_help(capsys, ["pretrain", "train.max_steps=abc", "zero.stage=9", "--help"])
+    assert "  train.max_steps (int, 'abc' from the command line; default 100):" in out
+    assert "  zero.stage (int, 9 from the command line; default 0):" in out
+
+
+def test_help_of_a_mapping_lists_its_entries(capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli_help(capsys, ["serve", "models.big.path=/models/big", "--help"])
+    assert "  models.big.path (str, '/models/big' from the command line; required):" in out
+    assert "  models.big.engine.max_batch_size (int, default 16):" in out
+    default_out = cli_help(capsys, ["serve", "--help"])
+    assert "  models.tiny.path (str, default 'runs/pretrain-tiny'):" in default_out
+
+
+def test_python_m_fmray_runs_the_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmray", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: fmray <command>")
+    for command in ("pretrain", "sft", "tune", "serve", "export"):
+        assert f"  {command} " in proc.stdout
 
 
 def test_every_pretrain_preset_validates() -> None:
