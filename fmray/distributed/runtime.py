@@ -20,11 +20,17 @@ WORKER_ENV_DEFAULTS = {
 }
 
 
+# Passed on as set on the driver: run storage credentials and endpoints (pyarrow reads them),
+# offline mode and the accelerator choice.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "DS_ACCELERATOR", "PYTHONPATH")
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "GCS_")
+
+
 def worker_env() -> dict[str, str]:
     env = {key: os.environ.get(key, value) for key, value in WORKER_ENV_DEFAULTS.items()}
-    for key in ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "DS_ACCELERATOR", "PYTHONPATH"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    for key, value in os.environ.items():
+        if key in FORWARDED_ENV or key.startswith(FORWARDED_ENV_PREFIXES):
+            env[key] = value
     return env
 
 

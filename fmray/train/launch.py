@@ -91,7 +91,14 @@ def build_trainer(
     """The TorchTrainer: one worker per DeepSpeed rank, each reading its own train and eval
     rows (strided by micro-batch, see fmray.data.pipeline)."""
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from fmray.data.pipeline import rank_datasets
@@ -119,6 +126,8 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             callbacks=callbacks,
+            # Ray Train's own INFO lines go to its log files, not the console, unless verbose.
+            logging_config=LoggingConfig(log_level="INFO" if config.logging.verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(

@@ -282,7 +282,8 @@ def run(config: PretrainConfig, address: str | None = None) -> Any:
     from fmray.train.launch import checkpoint_location, print_summary
 
     check_inputs(config)
-    init_ray(address, config.scaling.num_workers * config.scaling.cpus_per_worker)
+    required_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
+    init_ray(address, required_cpus, config.logging.verbose)
     plan = prepare_run(config)
     result = build_trainer(config, plan).fit()
     outputs = []

@@ -299,8 +299,11 @@ def resolve_model_path(path: str) -> str:
 
     try:
         return find_hf_export(path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"config error: model.path={path!r}: {err}") from None
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config error: model.path={path!r} is neither an HF model folder (config.json) nor "
+            "an fmray checkpoint or run folder with an exported model (checkpoint_*/hf)"
+        ) from None
 
 
 def check_inputs(config: SFTConfig) -> None:
@@ -390,7 +393,8 @@ def run(config: SFTConfig, address: str | None = None) -> Any:
     from fmray.train.launch import checkpoint_location, print_summary
 
     check_inputs(config)
-    init_ray(address, config.scaling.num_workers * config.scaling.cpus_per_worker)
+    required_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
+    init_ray(address, required_cpus, config.logging.verbose)
     plan = prepare_run(config)
     result = build_trainer(config, plan).fit()
     outputs = [("base model", plan.model_path or "")]

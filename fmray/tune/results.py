@@ -36,15 +36,9 @@ def steps_run(trial_dir: Path, result: Any) -> int:
 
 def latest_checkpoint(trial_dir: Path) -> str | None:
     """The trial's newest complete fmray checkpoint (all of a trial's Ray Train runs)."""
-    found = [p.parent for p in trial_dir.glob("*/checkpoint_*/fmray.json")]
-    if not found:
-        return None
-    # Highest step; among equal steps (a PBT trial re-running a segment from a clone) the newest.
-    newest = max(
-        found,
-        key=lambda p: (json.loads((p / "fmray.json").read_text())["step"], p.stat().st_mtime),
-    )
-    return str(newest)
+    from fmray.checkpoint import latest_checkpoint as newest
+
+    return newest([str(p) for p in sorted(trial_dir.iterdir()) if p.is_dir()])
 
 
 def trial_row(result: Any, metric: str, max_steps: int) -> dict[str, Any]:

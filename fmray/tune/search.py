@@ -282,11 +282,12 @@ def run(config: TuneConfig, address: str | None = None) -> Any:
     trial_base = apply_params(user_base, {"data.cache_dir": str(exp_dir / "data")})
     prepare = apply_params(trial_base, {"run.output_dir": str(exp_dir), "run.name": "prepare"})
     plan = module.prepare_run(config_class.model_validate(prepare))
-    trial_base = apply_params(trial_base, {"data.tokenizer": plan["tokenizer_dir"]})
+    trial_base = apply_params(trial_base, {"data.tokenizer": plan.tokenizer_dir})
 
     # --- search (or continue an interrupted one)
     setup = {
-        "recipe": config.recipe,
+        "module": module.__name__,
+        "config_class": config_class.__name__,
         "base": trial_base,
         "exp_dir": str(exp_dir),
         "experiment": config.run.name,

@@ -10,6 +10,7 @@ frees the workers of trials Tune stopped.
 
 from __future__ import annotations
 
+import importlib
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +20,6 @@ import ray
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from fmray.recipes import recipe_config_class, recipe_module
 from fmray.tune.space import apply_params
 
 
@@ -45,7 +45,8 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """A Tune trial (in its own actor): the recipe's TorchTrainer with the sampled params."""
     import ray.tune
 
-    module = recipe_module(setup["recipe"])
+    # The recipe was looked up on the driver: a trial imports exactly that module.
+    module = importlib.import_module(setup["module"])
     trial_id = ray.tune.get_context().get_trial_id()
     tree = apply_params(setup["base"], params)
     tree["run"] = {
@@ -53,19 +54,13 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         "output_dir": str(Path(setup["exp_dir"]) / trial_id),
         "name": "run",
     }
-    config = recipe_config_class(setup["recipe"]).model_validate(tree)
+    config = getattr(module, setup["config_class"]).model_validate(tree)
     lineage = {"trial_id": trial_id, "experiment": setup["experiment"]}
     if setup["scheduler"] == "pbt":
         run_pbt_segments(module, config, lineage, setup["perturbation_interval"])
         return
-    plan = {**module.prepare_run(config), **lineage}
-    trainer = module.build_trainer(config, plan)
-    # The recipe's RunConfig is read when fit() starts the controller: add Tune's reporter.
-    trainer.run_config.callbacks = [
-        *(trainer.run_config.callbacks or []),
-        EvalReportCallback(setup["metric"]),
-    ]
-    trainer.fit()
+    plan = module.prepare_run(config).model_copy(update=lineage)
+    module.build_trainer(config, plan, callbacks=[EvalReportCallback(setup["metric"])]).fit()
 
 
 def run_pbt_segments(module: Any, config: Any, lineage: dict[str, Any], interval: int) -> None:
@@ -86,8 +81,8 @@ def run_pbt_segments(module: Any, config: Any, lineage: dict[str, Any], interval
         stop = min(start + interval, config.train.max_steps)
         name = f"segment-{start:08d}-{uuid.uuid4().hex[:6]}"
         segment = config.model_copy(update={"run": config.run.model_copy(update={"name": name})})
-        plan = {**module.prepare_run(segment), **lineage, "stop_step": stop}
-        plan["resume_from"] = resume_from
+        update = {**lineage, "stop_step": stop, "resume_from": resume_from}
+        plan = module.prepare_run(segment).model_copy(update=update)
         result = module.build_trainer(segment, plan).fit()
         metrics = {**result.metrics, "segment_steps": stop - start}
         metrics["checkpoint_path"] = result.checkpoint.path
@@ -103,7 +98,7 @@ class ReleaseStoppedTrials(Callback):
     A stopped trial's Ray Train controller dies with the trial; Ray Train then relies on a
     cleaner actor that cannot find its cluster when one machine runs several Ray instances, and
     the leaked workers' CPUs would starve every later trial. Recipes record their placement
-    group ids in <trial>/<run>/placement_groups.txt (sft does); this frees any still held.
+    group ids in <trial>/<run>/placement_groups.txt; this frees any still held.
     """
 
     GRACE_S = 10.0

@@ -8,8 +8,10 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server: str):
     """Local Ray with 6 logical CPUs: 2 gloo training workers plus room for data and Serve.
+
+    The local S3 server starts first, so its endpoint and credentials reach every Ray worker.
 
     The dashboard stays on: Ray Train's placement-group cleaner asks the State API whether the
     controller lives, and without it tears a healthy run down.
@@ -25,6 +27,11 @@ def ray_cluster():
             runtime_env={"env_vars": worker_env()},
             configure_logging=False,
         )
+        # The console as `fmray <command>` shows it (init_ray does the same).
+        from fmray.distributed.console import install_console_filter, quiet_driver_loggers
+
+        install_console_filter()
+        quiet_driver_loggers()
     yield ray
     try:
         from ray import serve
