@@ -410,8 +410,3 @@ def value_source(layers: Sequence[ConfigLayer], path: tuple[str, ...]) -> str:
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def write_config(config: BaseModel, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(dump_config(config))

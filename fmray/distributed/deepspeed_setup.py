@@ -66,10 +66,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> An
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train))
 
 
-def deepspeed_dtype(train: TrainSection) -> torch.dtype:
-    return torch.bfloat16 if train.bf16 else torch.float32
-
-
 def frozen_ds_config(train_config: dict[str, Any]) -> dict[str, Any]:
     """The DeepSpeed config of an inference-only engine beside a training one (same batch
     geometry and precision): no optimizer or clipping; ZeRO-3 keeps its parameters partitioned

@@ -70,10 +70,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def absolute_storage(path: str) -> str:
-    """Ray Train needs an absolute local path (cloud URIs pass through)."""
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 # name -> LlamaConfig fields. vocab_size comes from the tokenizer at build time.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,12 +82,3 @@ def build_causal_lm(
     assert preset is not None
     config = preset_config(preset, vocab_size, **(special_tokens or {}))
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameter count, also for ZeRO-3 partitioned parameters (ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def load_hf_config(path: str) -> Any:
-    return AutoConfig.from_pretrained(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -96,19 +95,19 @@ def build_app(args: dict[str, Any]) -> Application:
 def check_model_paths(config: ServeConfig) -> ServeConfig:
     """Fail before Ray starts when a model folder is missing (one line naming the key); return
     the config with absolute paths, which replicas resolve the same from any directory."""
-    from fmray.serve.loading import resolve_model_dir
+    from fmray import storage
+    from fmray.checkpoint import find_hf_export
 
     models = {}
     for name, entry in config.models.items():
         try:
-            resolve_model_dir(entry.path)
+            find_hf_export(entry.path)
         except FileNotFoundError as err:
             raise ConfigError(
                 f"config error: models.{name}.path={entry.path!r}: {err} "
                 "(train one with `fmray pretrain --config jobs/pretrain/tiny.yaml`)"
             ) from None
-        path = str(Path(entry.path).expanduser().resolve())
-        models[name] = entry.model_copy(update={"path": path})
+        models[name] = entry.model_copy(update={"path": storage.resolve(entry.path)})
     return config.model_copy(update={"models": models})
 
 

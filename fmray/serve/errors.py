@@ -8,7 +8,6 @@ process boundaries intact, so the ingress turns it into the same JSON wherever i
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,7 +86,3 @@ def unwrap(err: BaseException) -> BaseException:
         err = err.cause  # type: ignore[attr-defined]
         seen += 1
     return err
-
-
-def error_json(err: APIError) -> bytes:
-    return json.dumps(err.body()).encode()

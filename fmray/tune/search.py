@@ -222,7 +222,7 @@ def build_tuner(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from fmray.distributed.runtime import absolute_storage
+    from fmray import storage
 
     return tune.Tuner(
         trainable,
@@ -239,7 +239,7 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=config.run.name,
-            storage_path=absolute_storage(config.run.output_dir),
+            storage_path=storage.resolve(config.run.output_dir),
             # PBT clones from checkpoints: keep a few beyond the newest one.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             callbacks=[ReleaseStoppedTrials(exp_dir)],
@@ -252,12 +252,19 @@ def run(config: TuneConfig, address: str | None = None) -> Any:
     import ray
     from ray import tune
 
-    from fmray.distributed.runtime import absolute_storage, init_ray
+    from fmray import storage
+    from fmray.distributed.runtime import init_ray
     from fmray.tune.results import summarize
 
     # --- everything that can be wrong fails here, before Ray starts
     module, config_class = recipe_module(config.recipe), recipe_config_class(config.recipe)
-    exp_dir = Path(absolute_storage(config.run.output_dir)) / config.run.name
+    if storage.is_remote(config.run.output_dir):
+        raise ConfigError(
+            f"config error: run.output_dir={config.run.output_dir!r}: fmray tune keeps its "
+            "experiment (results table, trial folders) on a local or shared filesystem; "
+            "remote storage is supported by the training recipes"
+        )
+    exp_dir = Path(storage.resolve(config.run.output_dir)) / config.run.name
     user_base = resolve_base(config)
     space = parse_search_space(config_class, config.search_space)
     check_values(config_class, user_base, space)
