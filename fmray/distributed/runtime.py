@@ -34,6 +34,24 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# Ray Train reads these on the driver and hands them to its controller. A report reaches the
+# driver at the controller's next poll of the workers (Ray's default: every 2 s).
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# On an embedded single-machine instance there is no spot preemption to watch and no metrics
+# exporter to feed: each would cost an actor and its process start per run.
+LOCAL_TRAIN_ENV_DEFAULTS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
+def apply_train_env(local: bool) -> None:
+    """Set fmray's Ray Train defaults in this (driver) process unless the user set them."""
+    defaults = {**TRAIN_ENV_DEFAULTS, **(LOCAL_TRAIN_ENV_DEFAULTS if local else {})}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray instance.
 
@@ -51,6 +69,7 @@ def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bo
     for key, value in worker_env().items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS")
+    apply_train_env(local=address is None)
     num_cpus = None
     if address is None:
         num_cpus = max(os.cpu_count() or 1, int(required_cpus + 0.999) + 1)

@@ -19,8 +19,9 @@ def ray_cluster(s3_server: str):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    from fmray.distributed.runtime import worker_env
+    from fmray.distributed.runtime import apply_train_env, worker_env
 
+    apply_train_env(local=True)
     if not ray.is_initialized():
         ray.init(
             num_cpus=6,
