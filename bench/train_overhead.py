@@ -66,7 +66,7 @@ def run_fmray(args: argparse.Namespace, workdir: Path) -> tuple[dict, float]:
     log_path = workdir / "fmray.log"
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fmray.cli", "pretrain", *overrides],
+        [sys.executable, "-m", "fmray", "pretrain", *overrides],
         cwd=REPO_ROOT,
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,

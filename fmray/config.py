@@ -70,7 +70,7 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
-        from fmray.models.registry import PRESETS
+        from fmray.models.presets import PRESETS
 
         if self.path is None and self.preset is None:
             raise ValueError("model.preset or model.path must be set")

@@ -1,5 +1,5 @@
-"""Model registry: Llama-family presets by name, or any local HF causal-LM directory."""
+"""Model families: presets (presets.py), construction (registry.py), LoRA (lora.py)."""
 
-from fmray.models.registry import PRESETS, build_causal_lm, preset_config
+from fmray.models.presets import PRESETS
 
-__all__ = ["PRESETS", "build_causal_lm", "preset_config"]
+__all__ = ["PRESETS"]

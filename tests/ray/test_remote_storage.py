@@ -1,8 +1,9 @@
 """Runs whose run.output_dir is an S3 URI, against a local S3-compatible server (moto).
 
 Pretraining writes its tokenizer, packed data, config, metrics and checkpoints to the bucket; a
-LoRA fine-tune starts from that remote run folder; the export of its remote checkpoint loads in
-plain transformers. The workers get URIs only, never a path of the driver's disk.
+LoRA fine-tune starts from that remote run folder; the exports of its remote checkpoint (merged
+and adapter-only) load in plain transformers and peft. The workers get URIs only, never a path
+of the driver's disk.
 """
 
 from __future__ import annotations
@@ -72,8 +73,13 @@ def test_pretrain_and_lora_sft_live_in_s3(
             "run.name=tuned",
             f"model.path={run_dir}",
             "lora.r=4",
-            "train.max_steps=2",
+            "lora.alpha=8.0",
+            "lora.target_modules=[q_proj, v_proj]",
+            "train.max_steps=4",
+            "train.lr=1e-2",
             "train.warmup_steps=0",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=3",
             "eval.num_examples=4",
             "eval.max_new_tokens=4",
             "logging.tensorboard=false",
@@ -85,18 +91,42 @@ def test_pretrain_and_lora_sft_live_in_s3(
     assert all(v.startswith(ROOT) for v in location_fields(sft_plan).values()), sft_plan
     sft_result = sft.build_trainer(tuned, sft_plan).fit()
     assert sft_result.error is None
-    checkpoint = f"{ROOT}/tuned/checkpoint_00000002"
+    checkpoint = f"{ROOT}/tuned/checkpoint_00000004"
     meta = json.loads(storage.read_text(f"{checkpoint}/fmray.json"))
     assert meta["kind"] == "lora" and meta["base_model"] == sft_plan.model_path
+    check_lora_checkpoint(checkpoint, sft_plan.model_path, tmp_path / "outputs")
 
-    # `fmray export` of the remote checkpoint: the merged model loads in plain transformers.
+    # Nothing was written on the driver's disk but what this test asked for.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+
+
+def check_lora_checkpoint(checkpoint: str, base_location: str, out: Path) -> None:
+    """The checkpoint holds the adapters (and their optimizer state), not the frozen base; its
+    merged export keeps the base's frozen weights exactly; `fmray export` writes the adapter
+    alone (peft loads it onto the base) or the merged model, which agree with the in-training
+    merge."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from fmray.export import main as export_main
 
-    export_main([checkpoint, str(tmp_path / "merged")])
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+    ckpt = storage.local_copy(checkpoint, out)
+    base_dir = storage.local_copy(base_location, out / "base")
+    saved_bytes = sum(p.stat().st_size for p in (ckpt / "modules").rglob("*") if p.is_file())
+    assert 0 < saved_bytes < (base_dir / "model.safetensors").stat().st_size / 4
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(ckpt / "hf").eval()
+    for name, tensor in merged.state_dict().items():
+        adapted = ".q_proj." in name or ".v_proj." in name
+        assert torch.equal(tensor, base[name]) != adapted, name
 
-    # Nothing was written on the driver's disk beside the export.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    export_main([checkpoint, str(out / "merged")])
+    export_main([checkpoint, str(out / "adapter"), "--adapter-only"])
+    adapter_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), str(out / "adapter")
+    ).eval()
+    input_ids = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        expected = adapter_model(input_ids=input_ids).logits
+        for model in (merged, AutoModelForCausalLM.from_pretrained(out / "merged")):
+            torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=0)

@@ -1,11 +1,11 @@
-"""SFT on the local Ray cluster: held-out accuracy over the base, LoRA checkpoints and exports."""
+"""SFT on the local Ray cluster: held-out accuracy over the base and the export of the tuned
+model. LoRA training, its checkpoints and exports are tested in test_remote_storage.py (a LoRA
+run whose storage is S3)."""
 
 from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,52 +122,3 @@ def test_sft_raises_heldout_exact_match_over_the_base(
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
     meta = json.loads((Path(result.checkpoint.path) / "fmray.json").read_text())
     assert meta["base_model"] == str(pretrained_base.resolve())
-
-
-def test_lora_trains_adapters_only_and_exports(
-    ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    lora = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    train = {"max_steps": 4, "lr": 1e-2, "warmup_steps": 0, "eval_every": 0}
-    config = sft_config(
-        tiny_model_dir,
-        tmp_path,
-        lora=lora,
-        train=train,
-        eval={"num_examples": 0},
-        checkpoint={"every_steps": 2, "keep_last": 3},
-    )
-    first = sft.run(config)
-    ckpt = Path(first.checkpoint.path)
-    assert ckpt.name == "checkpoint_00000004"
-
-    # The checkpoint holds the adapters (and their optimizer state), not the frozen base.
-    deepspeed_bytes = sum(p.stat().st_size for p in (ckpt / "deepspeed").rglob("*") if p.is_file())
-    base_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
-    assert deepspeed_bytes < base_bytes / 4
-    # Merged export: frozen weights are the base's exactly; adapted projections changed.
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    merged = AutoModelForCausalLM.from_pretrained(ckpt / "hf").eval()
-    for name, tensor in merged.state_dict().items():
-        adapted = ".q_proj." in name or ".v_proj." in name
-        assert torch.equal(tensor, base[name]) != adapted, name
-
-    # `fmray export` writes the adapter alone (peft loads it onto the base) or the merged model
-    # (peft's merge_and_unload); both agree with the in-training merge.
-    for flags, out in (([], "merged"), (["--adapter-only"], "adapter")):
-        subprocess.run(
-            [sys.executable, "-m", "fmray.cli", "export", str(ckpt), str(tmp_path / out), *flags],
-            check=True,
-        )
-    input_ids = torch.randint(0, 500, (2, 24))
-    adapter_model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter")
-    ).eval()
-    exported = tmp_path / "merged"
-    with torch.no_grad():
-        expected = adapter_model(input_ids=input_ids).logits
-        for model in (merged, AutoModelForCausalLM.from_pretrained(exported)):
-            torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=0)

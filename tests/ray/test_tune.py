@@ -1,4 +1,4 @@
-"""A real search on the local Ray cluster: SFT trials that are each a 2-worker Ray Train +
+"""A real search on the local Ray cluster: an SFT trial that is a 2-worker Ray Train +
 DeepSpeed run, their evaluations reaching Tune through Ray Train's callback, the results table,
 the best config and the lineage of its checkpoint. Tune's scheduling (ASHA stopping, PBT
 segments) is tested with a fake recipe in test_tune_plumbing.py."""
@@ -20,7 +20,7 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.ray
 
-LEARNING_RATES = [3e-3, 1e-5]
+LEARNING_RATES = [3e-3]
 
 
 def tune_config(model_dir: Path, out: Path) -> search.TuneConfig:
@@ -43,7 +43,6 @@ def tune_config(model_dir: Path, out: Path) -> search.TuneConfig:
             "search_space": {"train.lr": f"grid({LEARNING_RATES})"},
             "num_samples": 1,
             "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
-            "max_concurrent_trials": 2,
         },
     )
 
@@ -56,11 +55,11 @@ def test_search_of_real_sft_trials_reports_and_writes_a_runnable_best_config(
     exp_dir = tmp_path / "search"
 
     rows = list(csv.DictReader((exp_dir / "results.csv").open()))
-    assert len(rows) == 2
-    assert sorted(float(r["config/train.lr"]) for r in rows) == sorted(LEARNING_RATES)
-    # Both ran concurrently, so ASHA may or may not stop the weak one at its first rung.
-    assert all(r["status"] in ("completed", "stopped early") for r in rows)
-    assert all(float(r["val_loss"]) > 0 for r in rows)
+    # One trial: scheduling over many is tested with the fake recipe; this checks the real path.
+    assert [(float(r["config/train.lr"]), r["status"], r["steps"]) for r in rows] == [
+        (3e-3, "completed", "6")
+    ]
+    assert 0 < float(rows[0]["val_loss"]) < 10
     summary = json.loads((exp_dir / "best.json").read_text())
     assert summary["best_params"]["train.lr"] == 3e-3
     assert summary["total_steps"] == sum(int(r["steps"]) for r in rows)
