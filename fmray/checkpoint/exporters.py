@@ -86,11 +86,9 @@ def copy_tokenizer_files(src: Path, dst: Path, extra: tuple[str, ...] = ()) -> N
 # ----------------------------------------------------------------------------- finding
 
 
-def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints (fmray.json present) of a run folder, oldest to newest step.
-
-    Ties (a Tune PBT trial re-running a segment from a clone) go to the newer folder.
-    """
+def checkpoint_records(run_dir: str) -> list[tuple[int, float, str]]:
+    """(step, mtime of fmray.json, location) of a run folder's complete checkpoints, sorted:
+    oldest to newest step, ties (a Tune PBT trial re-running a segment from a clone) by time."""
     found = []
     for name in storage.list_names(run_dir):
         if not name.startswith(CHECKPOINT_PREFIX):
@@ -99,14 +97,17 @@ def list_checkpoints(run_dir: str) -> list[str]:
         meta_path = storage.join(location, META_FILE)
         if storage.is_file(meta_path):
             found.append((read_meta(location)["step"], storage.mtime(meta_path), location))
-    return [location for _, _, location in sorted(found)]
+    return sorted(found)
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoints (fmray.json present) of a run folder, oldest to newest."""
+    return [location for _, _, location in checkpoint_records(run_dir)]
 
 
 def latest_checkpoint(run_dirs: list[str]) -> str | None:
     """The newest complete checkpoint over several run folders (a Tune trial's segments)."""
-    found = [
-        (read_meta(c)["step"], storage.mtime(c), c) for d in run_dirs for c in list_checkpoints(d)
-    ]
+    found = [record for run_dir in run_dirs for record in checkpoint_records(run_dir)]
     return max(found)[2] if found else None
 
 

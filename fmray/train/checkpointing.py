@@ -45,10 +45,9 @@ def resume(engines: dict[str, Any], train: TrainSection, plan: TrainPlan, kind: 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         source: Any = checkpoint.as_directory()
-    elif plan.resume_from and storage.is_remote(plan.resume_from):
-        source = nullcontext(str(storage.local_copy(plan.resume_from)))
-    else:
-        source = nullcontext(plan.resume_from)
+    else:  # checkpoint.resume=PATH or a PBT donor, downloaded first when remote
+        resume_from = plan.resume_from
+        source = nullcontext(str(storage.local_copy(resume_from)) if resume_from else None)
     with source as ckpt_dir:
         if ckpt_dir is None:
             return 0
