@@ -29,6 +29,8 @@ class Recipe:
     module exposes prepare_run(config) -> plan and build_trainer(config, plan)."""
     pbt: bool = False
     """Whether it runs in PBT segments (its plan honours stop_step and resume_from)."""
+    path_keys: tuple[str, ...] = ()
+    """Config keys holding paths beyond model.path and data.* (Tune makes them absolute)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,21 @@ COMMANDS: dict[str, Recipe | Tool] = {
         "instruction fine-tuning (full or LoRA)",
         tunable_metrics=("val_loss", "val_exact_match", "loss"),
         pbt=True,
+    ),
+    "reward": Recipe(
+        "fmray.train.reward",
+        "RewardConfig",
+        "reward model on preference pairs (Bradley-Terry; full or LoRA)",
+        tunable_metrics=("val_loss", "val_accuracy", "val_margin", "loss"),
+        pbt=True,
+    ),
+    "dpo": Recipe(
+        "fmray.train.dpo",
+        "DPOConfig",
+        "direct preference optimisation (sigmoid, cDPO, IPO; full or LoRA)",
+        tunable_metrics=("val_loss", "val_accuracy", "val_margin", "val_exact_match", "loss"),
+        pbt=True,
+        path_keys=("dpo.reference",),
     ),
     "tune": Recipe("fmray.tune.search", "TuneConfig", "Ray Tune search over a recipe's config"),
     "serve": Recipe(

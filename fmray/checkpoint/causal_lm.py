@@ -23,6 +23,8 @@ HF_DIR = "hf"
 
 class CausalLMExporter:
     kind = "causal_lm"
+    auto_class = "AutoModelForCausalLM"
+    """transformers Auto class that loads the export (a subclass for another head changes it)."""
 
     def write_live(
         self, engine: Any, ckpt_dir: Path, tokenizer: Any, meta: dict[str, Any], weights: bool
@@ -37,13 +39,14 @@ class CausalLMExporter:
             model.save_pretrained(str(hf_dir), state_dict=state)
         else:
             model.config.save_pretrained(str(hf_dir))
-            model.generation_config.save_pretrained(str(hf_dir))
+            if model.can_generate():
+                model.generation_config.save_pretrained(str(hf_dir))
         tokenizer.save_pretrained(str(hf_dir))
 
     def export(self, ckpt_dir: Path, out_dir: Path, adapter_only: bool) -> Path:
         """Weights consolidated to fp32 from the DeepSpeed files (any ZeRO stage), so this works
         whether or not the checkpoint carries its own weights in hf/."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        import transformers
 
         if adapter_only:
             raise ValueError(f"--adapter-only: {ckpt_dir} is a full checkpoint, not a LoRA one")
@@ -51,9 +54,10 @@ class CausalLMExporter:
         state_dict = consolidated_state_dict(
             ckpt_dir, meta.get("export_module") or module_names(meta)[0]
         )
-        config = AutoConfig.from_pretrained(str(ckpt_dir / HF_DIR))
+        config = transformers.AutoConfig.from_pretrained(str(ckpt_dir / HF_DIR))
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            auto_class = getattr(transformers, self.auto_class)
+            model = auto_class.from_config(config, dtype=torch.float32)
         model.load_state_dict(state_dict, assign=True, strict=False)
         tmp_dir = partial_dir(out_dir)
         model.save_pretrained(str(tmp_dir), state_dict=state_dict)

@@ -24,6 +24,8 @@ from fmray.checkpoint.format import META_FILE, kind_of, read_meta
 EXPORTERS: dict[str, str] = {
     "causal_lm": "fmray.checkpoint.causal_lm:CausalLMExporter",
     "lora": "fmray.checkpoint.lora:LoraExporter",
+    "reward": "fmray.checkpoint.reward:RewardExporter",
+    "reward_lora": "fmray.checkpoint.reward:RewardLoraExporter",
 }
 CHECKPOINT_PREFIX = "checkpoint_"
 

@@ -30,6 +30,13 @@ def lora_scale(peft_model: Any) -> float:
 class LoraExporter:
     kind = "lora"
 
+    def load_base(self, model_dir: Path, ckpt_dir: Path) -> Any:
+        """The frozen base the adapters were trained on (a subclass for another head changes
+        it)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_dir))
+
     def write_live(
         self, engine: Any, ckpt_dir: Path, tokenizer: Any, meta: dict[str, Any], weights: bool
     ) -> None:
@@ -43,8 +50,10 @@ class LoraExporter:
         save_adapter(engine.module, state, ckpt_dir / ADAPTER_DIR, meta.get("base_model"))
         base = engine.module.get_base_model()
         hf_dir = ckpt_dir / HF_DIR
+        base.config.architectures = [type(base).__name__]  # as save_pretrained records it
         base.config.save_pretrained(str(hf_dir))
-        base.generation_config.save_pretrained(str(hf_dir))
+        if base.can_generate():
+            base.generation_config.save_pretrained(str(hf_dir))
         tokenizer.save_pretrained(str(hf_dir))
         if weights:
             save_hf_weights(merged_state_dict(state, lora_scale(engine.module)), hf_dir)
@@ -53,7 +62,6 @@ class LoraExporter:
         """The peft adapter alone, or the base with the adapter folded in by peft's
         `merge_and_unload`; both carry the tokenizer and its chat template."""
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
         if not (ckpt_dir / ADAPTER_DIR / "adapter_config.json").is_file():
             raise ValueError(f"{ckpt_dir} is not a LoRA checkpoint (no {ADAPTER_DIR}/)")
@@ -64,13 +72,15 @@ class LoraExporter:
             base_location = read_meta(ckpt_dir)["base_model"]
             scratch = tempfile.mkdtemp(prefix="fmray-base-")
             try:
-                base = AutoModelForCausalLM.from_pretrained(
-                    str(storage.local_copy(base_location, scratch))
-                )
+                base = self.load_base(storage.local_copy(base_location, scratch), ckpt_dir)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             model = PeftModel.from_pretrained(base, str(ckpt_dir / ADAPTER_DIR))
             model.merge_and_unload().save_pretrained(str(tmp_dir))
         extra = () if adapter_only else ("generation_config.json",)
-        copy_tokenizer_files(ckpt_dir / HF_DIR, tmp_dir, extra)
+        copy_tokenizer_files(
+            ckpt_dir / HF_DIR,
+            tmp_dir,
+            tuple(name for name in extra if (ckpt_dir / HF_DIR / name).is_file()),
+        )
         return publish_export(tmp_dir, out_dir)

@@ -91,24 +91,37 @@ def record_to_messages(record: dict[str, Any], where: str) -> Conversation:
     return messages
 
 
-def read_conversations(source: str) -> list[Conversation]:
-    """Every conversation of a .jsonl / .parquet file or folder, in file order."""
+def source_files(source: str) -> list[Path]:
+    """The .jsonl / .parquet files of a source file or folder, sorted."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet"))
-    elif path.is_file() and path.suffix in (".jsonl", ".parquet"):
-        files = [path]
-    else:
-        raise ValueError(f"data source {source!r}: needs a .jsonl / .parquet file or folder")
-    conversations: list[Conversation] = []
-    for file in files:
+        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet"))
+    if path.is_file() and path.suffix in (".jsonl", ".parquet"):
+        return [path]
+    raise ValueError(f"data source {source!r}: needs a .jsonl / .parquet file or folder")
+
+
+def read_records(source: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) of every record of a .jsonl / .parquet file or folder, in file order;
+    `where` names the record in errors (file:line or file row n)."""
+    records: list[tuple[str, dict[str, Any]]] = []
+    for file in source_files(source):
         if file.suffix == ".jsonl":
-            lines = file.read_text().splitlines()
-            records = [(f"{file}:{n}", json.loads(t)) for n, t in enumerate(lines, 1) if t.strip()]
+            for number, text in enumerate(file.read_text().splitlines(), 1):
+                if text.strip():
+                    try:
+                        records.append((f"{file}:{number}", json.loads(text)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{file}:{number}: not a JSON record ({err})") from None
         else:
             rows = pq.read_table(file).to_pylist()
-            records = [(f"{file} row {n}", r) for n, r in enumerate(rows)]
-        conversations.extend(record_to_messages(record, where) for where, record in records)
+            records.extend((f"{file} row {n}", r) for n, r in enumerate(rows))
+    return records
+
+
+def read_conversations(source: str) -> list[Conversation]:
+    """Every conversation of a .jsonl / .parquet file or folder, in file order."""
+    conversations = [record_to_messages(record, where) for where, record in read_records(source)]
     if not conversations:
         raise ValueError(f"data source {source!r} holds no conversations")
     return conversations
@@ -250,14 +263,22 @@ def build_rows(
 
 def write_rows(rows: list[Row], out_dir: Path, seq_len: int) -> None:
     """Parquet shards with a global `index` column and fixed-size list columns."""
+    names = ("input_ids", "labels", "position_ids")
+    write_row_table({n: np.asarray([getattr(r, n) for r in rows]) for n in names}, out_dir, seq_len)
+
+
+def write_row_table(columns: dict[str, np.ndarray], out_dir: Path, seq_len: int) -> None:
+    """Rows of equal-length token columns (each num_rows x seq_len) as parquet shards of
+    ROWS_PER_SHARD rows, with a global `index` column (what fmray.data.pipeline reads)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for shard, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
-        chunk = rows[start : start + ROWS_PER_SHARD]
-        columns: dict[str, Any] = {"index": np.arange(start, start + len(chunk), dtype=np.int64)}
-        for name in ("input_ids", "labels", "position_ids"):
-            flat = np.asarray([getattr(r, name) for r in chunk], dtype=np.int32).reshape(-1)
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), seq_len)
-        pq.write_table(pa.table(columns), out_dir / f"shard-{shard:05d}.parquet")
+    num_rows = len(next(iter(columns.values())))
+    for shard, start in enumerate(range(0, num_rows, ROWS_PER_SHARD)):
+        stop = min(start + ROWS_PER_SHARD, num_rows)
+        table: dict[str, Any] = {"index": np.arange(start, stop, dtype=np.int64)}
+        for name, values in columns.items():
+            flat = np.asarray(values[start:stop], dtype=np.int32).reshape(-1)
+            table[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), seq_len)
+        pq.write_table(pa.table(table), out_dir / f"shard-{shard:05d}.parquet")
 
 
 # ----------------------------------------------------------------------------- prepared data
@@ -274,8 +295,9 @@ class SFTData:
     eval_conversations: list[Conversation]
 
 
-def sft_data_key(data: SFTDataSection, seed: int, tokenizer_dir: str, template: str) -> str:
-    """Cache key: data settings, seed, source files (path, size, mtime), tokenizer, template."""
+def prepared_data_key(data: Any, seed: int, tokenizer_dir: str, template: str) -> str:
+    """Cache key of a chat data section (`source`, `eval_source`, ...): its settings, the seed,
+    the source files (path, size, mtime), the tokenizer and the template."""
     digest = hashlib.sha256()
     fields = data.model_dump(exclude={"cache_dir", "tokenizer"})
     digest.update(json.dumps([fields, seed, template], sort_keys=True).encode())
@@ -299,7 +321,7 @@ def build_sft_data(
     concurrent Tune trials building the same key both publish identical rows."""
     from fmray.data.tokenizer import load_tokenizer
 
-    root = storage.join(cache_root, sft_data_key(data, seed, tokenizer_dir, template))
+    root = storage.join(cache_root, prepared_data_key(data, seed, tokenizer_dir, template))
     if not storage.is_file(storage.join(root, "sft_data.json")):
         train, held = load_splits(data, seed)
         staging = storage.staging_dir(root)

@@ -74,7 +74,9 @@ def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bo
     if address is None:
         num_cpus = max(os.cpu_count() or 1, int(required_cpus + 0.999) + 1)
     ray.init(
-        address=address,
+        # "local": a new embedded instance even where `ray start` left a cluster running (a
+        # bare ray.init() would join it, or fail on a stale record of it).
+        address=address or "local",
         num_cpus=num_cpus,
         runtime_env={"env_vars": worker_env()},
         log_to_driver=True,

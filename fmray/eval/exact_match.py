@@ -16,9 +16,20 @@ import json
 from typing import Any
 
 import torch
+from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
+from fmray.config import Section
 from fmray.data.sft_data import Conversation
+
+
+class EvalSection(Section):
+    num_examples: int = Field(128, ge=0)
+    """Held-out conversations answered by greedy generation at each evaluation (0: skip)."""
+    max_new_tokens: int = Field(24, ge=1)
+    """Tokens generated per answer."""
+    batch_size: int = Field(32, ge=1)
+    """Prompts decoded together per worker."""
 
 
 def normalize_answer(text: str) -> str:
@@ -115,6 +126,34 @@ def exact_match_counts(
     references = [c[-1]["content"] for c in conversations[:counted]]
     correct = sum(is_exact_match(a, r) for a, r in zip(answers, references, strict=False))
     return correct, counted
+
+
+def distributed_exact_match(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    share: list[Conversation],
+    num_counted: int,
+    template: str,
+    eval_cfg: EvalSection,
+    device: torch.device,
+) -> float:
+    """Exact match over all ranks of a training run: each rank answers its `share` (see
+    fmray.train.worker.rank_share), the counts are summed."""
+    import torch.distributed as dist
+
+    correct, counted = exact_match_counts(
+        model,
+        tokenizer,
+        share,
+        template,
+        eval_cfg.max_new_tokens,
+        eval_cfg.batch_size,
+        device,
+        num_counted,
+    )
+    totals = torch.tensor([correct, counted], device=device, dtype=torch.float64)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,8 +33,12 @@ class LoraSection(Section):
     """Names of the nn.Linear modules that get adapters (Llama: q/k/v/o_proj, gate/up/down_proj)."""
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSection) -> Any:
-    """Wrap `model` in a peft LoRA model; only adapter parameters keep requires_grad."""
+def apply_lora(model: torch.nn.Module, lora: LoraSection, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap `model` in a peft LoRA model; only adapter parameters keep requires_grad.
+
+    task_type SEQ_CLS (a reward model) also trains the fresh `score` head: peft keeps a
+    trainable copy of it (modules_to_save) beside the frozen original.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -42,7 +46,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         peft_model = get_peft_model(model, config)
@@ -65,13 +69,18 @@ def is_adapter_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+TRAINED_COPY = f".modules_to_save.{ADAPTER}."
+FROZEN_ORIGINAL = ".original_module."
+
+
 def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """HF-named full weights from a peft LoRA state dict: W + scaling * B @ A per adapted layer."""
+    """HF-named full weights from a peft LoRA state dict: W + scaling * B @ A per adapted layer,
+    and the trained copy of each fully trained module (a reward model's head)."""
     merged: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if is_adapter_key(name):
+        if is_adapter_key(name) or FROZEN_ORIGINAL in name:
             continue
-        plain = name.removeprefix(PEFT_PREFIX)
+        plain = name.removeprefix(PEFT_PREFIX).replace(TRAINED_COPY, ".")
         if ".base_layer." in name:
             plain = plain.replace(".base_layer.", ".")
             if name.endswith(".base_layer.weight"):

@@ -48,6 +48,50 @@ def check_resume(config: Any) -> str | None:
     return location
 
 
+def resolve_model_path(path: str, key: str = "model.path") -> str:
+    """An HF model folder, or the newest HF export with weights inside an fmray run folder."""
+    from fmray.checkpoint import find_hf_export
+
+    try:
+        return find_hf_export(path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config error: {key}={path!r} is neither an HF model folder (config.json) nor "
+            "an fmray checkpoint or run folder with an exported model (checkpoint_*/hf)"
+        ) from None
+
+
+def prepare_chat_tokenizer(
+    tokenizer_setting: str | None, model_path: str, run_dir: str
+) -> tuple[Any, str]:
+    """The tokenizer of a chat recipe (data.tokenizer, else the model's own) with its chat
+    template set (the tokenizer's own, else fmray's ChatML), saved into <run dir>/tokenizer so
+    every export carries it and serving formats prompts the same way; also where it went."""
+    from transformers import AutoConfig
+
+    from fmray.data.chat_template import chat_template_of
+    from fmray.data.tokenizer import load_tokenizer
+
+    model_local = local_dir_of(model_path)
+    tokenizer_source = (
+        local_dir_of(storage.resolve(tokenizer_setting)) if tokenizer_setting else model_local
+    )
+    tokenizer = load_tokenizer(tokenizer_source)
+    vocab_size = AutoConfig.from_pretrained(str(model_local)).vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"config error: the tokenizer has {len(tokenizer)} tokens but model.path={model_path} "
+            f"embeds {vocab_size}; use the model's own tokenizer (unset data.tokenizer)"
+        )
+    tokenizer.chat_template = chat_template_of(tokenizer)
+    return tokenizer, save_tokenizer(tokenizer, storage.join(run_dir, "tokenizer"))
+
+
+def data_cache_root(cache_dir: str | None, run_dir: str) -> str:
+    """Where prepared data goes: data.cache_dir (shared across runs) or <run dir>/data."""
+    return storage.resolve(cache_dir) if cache_dir else storage.join(run_dir, "data")
+
+
 def write_run_config(config: Any, run_dir: str) -> None:
     storage.write_text(storage.join(run_dir, CONFIG_FILE), dump_config(config))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from fmray import storage
 from fmray.config import (
@@ -40,17 +40,9 @@ from fmray.config import (
     dump_config,
 )
 from fmray.data.sft_data import SFTDataSection
+from fmray.eval.exact_match import EvalSection
 from fmray.models.lora import LoraSection
 from fmray.train.plan import TrainPlan
-
-
-class EvalSection(Section):
-    num_examples: int = Field(128, ge=0)
-    """Held-out conversations answered by greedy generation at each evaluation (0: skip)."""
-    max_new_tokens: int = Field(24, ge=1)
-    """Tokens generated per answer."""
-    batch_size: int = Field(32, ge=1)
-    """Prompts decoded together per worker."""
 
 
 class SFTConfig(Section):
@@ -99,6 +91,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from fmray.data.sft_data import ROW_COLUMNS
     from fmray.data.tokenizer import load_tokenizer
     from fmray.distributed.deepspeed_setup import build_ds_config
+    from fmray.eval.exact_match import distributed_exact_match
     from fmray.models.lora import apply_lora
     from fmray.models.registry import build_causal_lm
     from fmray.train.checkpointing import Export, checkpoint_and_report, lineage, resume
@@ -214,8 +207,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["step"] = done
             metrics["val_loss"] = eval_loss(engine, eval_rows, device)
             if plan.eval_conversations:
-                metrics["val_exact_match"] = exact_match(
-                    engine, tokenizer, eval_share, num_counted, config.eval, plan, device
+                metrics["val_exact_match"] = distributed_exact_match(
+                    engine.module,
+                    tokenizer,
+                    eval_share,
+                    num_counted,
+                    plan.chat_template,
+                    config.eval,
+                    device,
                 )
                 if worker.is_chief and config.logging.progress:
                     print_line(
@@ -261,54 +260,12 @@ def eval_loss(engine: Any, eval_rows: list[dict[str, np.ndarray]], device: Any) 
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def exact_match(
-    engine: Any,
-    tokenizer: Any,
-    conversations: list[Any],
-    num_counted: int,
-    eval_cfg: EvalSection,
-    plan: SFTPlan,
-    device: Any,
-) -> float:
-    """Fraction of held-out conversations (over all ranks) answered exactly by greedy decoding."""
-    import torch.distributed as dist
-
-    from fmray.eval.exact_match import exact_match_counts
-
-    correct, counted = exact_match_counts(
-        engine.module,
-        tokenizer,
-        conversations,
-        plan.chat_template,
-        eval_cfg.max_new_tokens,
-        eval_cfg.batch_size,
-        device,
-        num_counted,
-    )
-    totals = torch.tensor([correct, counted], device=device, dtype=torch.float64)
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
 # ----------------------------------------------------------------------------- driver
-
-
-def resolve_model_path(path: str) -> str:
-    """An HF model folder, or the newest HF export with weights inside an fmray run folder."""
-    from fmray.checkpoint import find_hf_export
-
-    try:
-        return find_hf_export(path)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config error: model.path={path!r} is neither an HF model folder (config.json) nor "
-            "an fmray checkpoint or run folder with an exported model (checkpoint_*/hf)"
-        ) from None
 
 
 def check_inputs(config: SFTConfig) -> None:
     """Fail before Ray starts: the model, the data files and checkpoint.resume must exist."""
-    from fmray.train.launch import check_resume
+    from fmray.train.launch import check_resume, resolve_model_path
 
     resolve_model_path(str(config.model.path))
     for key, source in (
@@ -323,39 +280,25 @@ def check_inputs(config: SFTConfig) -> None:
 def prepare_run(config: SFTConfig) -> SFTPlan:
     """Driver-side work before the workers start: tokenizer + template, tokenized rows, all in
     the run's storage."""
-    from transformers import AutoConfig
-
-    from fmray.data.chat_template import chat_template_of, stop_token_ids
+    from fmray.data.chat_template import stop_token_ids
     from fmray.data.sft_data import build_sft_data
-    from fmray.data.tokenizer import load_tokenizer
     from fmray.train.launch import (
         check_batch_geometry,
         check_resume,
+        data_cache_root,
         local_dir_of,
+        prepare_chat_tokenizer,
+        resolve_model_path,
         run_dir_of,
-        save_tokenizer,
         stage_model,
         write_run_config,
     )
 
     run_dir = run_dir_of(config)
     model_path = resolve_model_path(str(config.model.path))
-    model_local = local_dir_of(model_path)
     data = config.data
-    tokenizer_source = local_dir_of(storage.resolve(data.tokenizer)) if data.tokenizer else None
-    tokenizer = load_tokenizer(tokenizer_source or model_local)
-    vocab_size = AutoConfig.from_pretrained(str(model_local)).vocab_size
-    if len(tokenizer) > vocab_size:
-        raise ConfigError(
-            f"config error: the tokenizer has {len(tokenizer)} tokens but model.path={model_path} "
-            f"embeds {vocab_size}; use the model's own tokenizer (unset data.tokenizer)"
-        )
-    # Saved with the tokenizer into every export, so serving formats prompts the same way.
-    tokenizer.chat_template = chat_template_of(tokenizer)
-    tokenizer_dir = save_tokenizer(tokenizer, storage.join(run_dir, "tokenizer"))
-    cache_root = (
-        storage.resolve(data.cache_dir) if data.cache_dir else storage.join(run_dir, "data")
-    )
+    tokenizer, tokenizer_dir = prepare_chat_tokenizer(data.tokenizer, model_path, run_dir)
+    cache_root = data_cache_root(data.cache_dir, run_dir)
     sft = build_sft_data(
         data, config.run.seed, str(local_dir_of(tokenizer_dir)), tokenizer.chat_template, cache_root
     )

@@ -76,7 +76,8 @@ class TuneConfig(Section):
     search_space: dict[str, Any] = {}
     """Dotted key -> loguniform(a, b), uniform(a, b), randint(a, b), choice([..]), grid([..])."""
     metric: str = "val_loss"
-    """Reported metric the search optimises (sft: val_loss, val_exact_match)."""
+    """Reported metric the search optimises (each recipe's are listed in fmray.recipes: sft
+    val_loss / val_exact_match, reward val_accuracy, dpo val_margin, ...)."""
     mode: Literal["min", "max"] = "min"
     """Whether a lower or a higher metric is better."""
     num_samples: int = Field(4, ge=1)
@@ -146,7 +147,7 @@ def resolve_base(config: TuneConfig) -> dict[str, Any]:
         set_dotted(overrides, key, value)
     tree = deep_merge(tree, overrides)
     base = validate_config(config_class, tree).model_dump(mode="json")
-    for key in PATH_KEYS:
+    for key in (*PATH_KEYS, *get_recipe(config.recipe).path_keys):
         section, _, name = key.partition(".")
         value = (base.get(section) or {}).get(name)
         if isinstance(value, str) and Path(value).exists():

@@ -10,7 +10,8 @@ import torch
 
 from fmray.config import ConfigError, load_config, validate_config
 from fmray.eval.exact_match import greedy_generate, is_exact_match
-from fmray.train.sft import SFTConfig, resolve_model_path
+from fmray.train.launch import resolve_model_path
+from fmray.train.sft import SFTConfig
 from fmray.train.worker import rank_share
 from tests.conftest import REPO_ROOT
 
