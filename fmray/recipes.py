@@ -72,6 +72,12 @@ COMMANDS: dict[str, Recipe | Tool] = {
         pbt=True,
         path_keys=("dpo.reference",),
     ),
+    "diffusion": Recipe(
+        "fmray.train.diffusion",
+        "DiffusionConfig",
+        "text-to-image diffusion training (pixel or latent UNet)",
+        tunable_metrics=("val_loss", "colour_acc", "loss"),
+    ),
     "tune": Recipe("fmray.tune.search", "TuneConfig", "Ray Tune search over a recipe's config"),
     "serve": Recipe(
         "fmray.serve.app", "ServeConfig", "serve models behind an OpenAI-compatible API"

@@ -24,6 +24,7 @@ from fmray.checkpoint.format import META_FILE, kind_of, read_meta
 EXPORTERS: dict[str, str] = {
     "causal_lm": "fmray.checkpoint.causal_lm:CausalLMExporter",
     "lora": "fmray.checkpoint.lora:LoraExporter",
+    "diffusion": "fmray.checkpoint.diffusion:DiffusionExporter",
     "reward": "fmray.checkpoint.reward:RewardExporter",
     "reward_lora": "fmray.checkpoint.reward:RewardLoraExporter",
 }
