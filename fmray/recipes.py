@@ -83,6 +83,8 @@ COMMANDS: dict[str, Recipe | Tool] = {
         "fmray.serve.app", "ServeConfig", "serve models behind an OpenAI-compatible API"
     ),
     "export": Tool("fmray.export", "main", "write the HF directory of a checkpoint"),
+    "submit": Tool("fmray.ops.submit", "main", "run a command as a job on a Ray cluster"),
+    "jobs": Tool("fmray.ops.jobs", "main", "list, follow, inspect or stop a cluster's jobs"),
 }
 
 
