@@ -9,6 +9,7 @@ reference and reward models.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ def setup_worker(seed: int, use_gpu: bool) -> Worker:
 
     from fmray.distributed.runtime import seed_everything
 
+    # torch 2.13 deprecates the collectives DeepSpeed's ZeRO-3 calls every step; the warning
+    # would flood the console (one per call and rank) with nothing for the user to do.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")

@@ -24,6 +24,7 @@ def ray_cluster(s3_server: str):
     apply_train_env(local=True)
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster another test (or `ray start`) left running
             num_cpus=6,
             runtime_env={"env_vars": worker_env()},
             configure_logging=False,
@@ -41,3 +42,22 @@ def ray_cluster(s3_server: str):
     except Exception:  # noqa: BLE001 - Serve may never have started
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tiny_tokenizer_dir, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model that knows the synthetic world (plain PyTorch, no Ray)."""
+    from tests.ray.chat_models import pretrain_in_process
+
+    return pretrain_in_process(tiny_tokenizer_dir, tmp_path_factory.mktemp("pretrained_base"))
+
+
+@pytest.fixture(scope="session")
+def sft_run(ray_cluster, pretrained_base, tmp_path_factory: pytest.TempPathFactory):
+    """One `fmray sft` fit (2 workers, ZeRO-2) of the pretrained base on the built-in task: the
+    SFT test checks it; the reward-model and DPO tests start from its HF export."""
+    from fmray.train import sft
+    from tests.ray.chat_models import sft_config
+
+    out = tmp_path_factory.mktemp("sft_run")
+    return sft.run(sft_config(pretrained_base, out, train={"eval_every": 0}))

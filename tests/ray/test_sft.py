@@ -1,23 +1,18 @@
 """SFT on the local Ray cluster: held-out accuracy over the base and the export of the tuned
-model. LoRA training, its checkpoints and exports are tested in test_remote_storage.py (a LoRA
-run whose storage is S3)."""
+model. The fit itself is the session fixture `sft_run` (conftest.py), which the reward-model
+and DPO tests start from. LoRA training, its checkpoints and exports are tested in
+test_remote_storage.py (a LoRA run whose storage is S3)."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
-from fmray.config import validate_config
 from fmray.data.chat_template import DEFAULT_CHAT_TEMPLATE
-from fmray.data.sft_data import SFTDataSection, load_splits
 from fmray.data.tokenizer import load_tokenizer
-from fmray.eval.exact_match import exact_match_counts
-from fmray.train import sft
+from tests.ray.chat_models import heldout_accuracy
 
 pytestmark = pytest.mark.ray
 
@@ -25,87 +20,9 @@ pytestmark = pytest.mark.ray
 MIN_GAIN = 0.2
 
 
-def pretrain_in_process(tokenizer_dir: Path, out_dir: Path, steps: int = 200) -> Path:
-    """A tiny model that knows the synthetic world, as a plain HF directory (a "user's model").
-
-    Plain PyTorch on documents of facts about the world's people (the corpus's own sentences)
-    and a sum: the same knowledge as `fmray pretrain` on the full corpus, in a fraction of the
-    steps (about 90% of the facts are completed correctly after 200 steps).
-    """
-    from fmray.config import TrainSection
-    from fmray.data.corpus import arithmetic_sentence, build_world, person_sentences
-    from fmray.distributed.deepspeed_setup import lr_at
-    from fmray.models.registry import build_causal_lm
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    world, rng = build_world(seed=0), random.Random(0)
-    stream: list[int] = []
-    for _ in range(3000):
-        facts = [fact for person in rng.sample(world, 2) for fact in person_sentences(person)]
-        rng.shuffle(facts)
-        text = " ".join([*facts, arithmetic_sentence(rng)])
-        stream += [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    blocks = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
-    torch.manual_seed(0)
-    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    model = build_causal_lm("tiny", None, len(tokenizer), special)
-    schedule = TrainSection(lr=3e-3, max_steps=steps, warmup_steps=10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, schedule))
-    order = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = blocks[torch.randint(0, len(blocks), (16,), generator=order)]
-        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def pretrained_base(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pretrain_in_process(tiny_tokenizer_dir, tmp_path_factory.mktemp("pretrained_base"))
-
-
-def sft_config(model_path: Path, out: Path, **sections: dict[str, Any]) -> sft.SFTConfig:
-    tree: dict[str, Any] = {
-        "run": {"name": "sft", "output_dir": str(out)},
-        "model": {"path": str(model_path)},
-        "data": {"source": "builtin", "seq_len": 128, "packing": True},
-        "train": {"max_steps": 120, "micro_batch_size": 8, "lr": 1e-3, "warmup_steps": 10},
-        "eval": {"num_examples": 200, "max_new_tokens": 16},
-        "zero": {"stage": 2},
-        "scaling": {"num_workers": 2},
-        "logging": {"tensorboard": False, "progress": True},
-    }
-    for name, values in sections.items():
-        tree[name] = {**tree.get(name, {}), **values} if values is not None else None
-    return validate_config(sft.SFTConfig, tree)
-
-
-def heldout_accuracy(model_dir: Path) -> float:
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    heldout = load_splits(SFTDataSection(), seed=0)[1]
-    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    correct, total = exact_match_counts(
-        model, tokenizer, heldout, template, 16, 64, torch.device("cpu")
-    )
-    return correct / total
-
-
-def test_sft_raises_heldout_exact_match_over_the_base(
-    ray_cluster: Any, pretrained_base: Path, tmp_path: Path
-) -> None:
+def test_sft_raises_heldout_exact_match_over_the_base(sft_run, pretrained_base: Path) -> None:
     base_accuracy = heldout_accuracy(pretrained_base)
-    config = sft_config(pretrained_base, tmp_path, train={"eval_every": 0})
-    result = sft.run(config)
-
+    result = sft_run
     tuned_accuracy = result.metrics["val_exact_match"]
     print(f"held-out exact match: base {base_accuracy:.3f}, fine-tuned {tuned_accuracy:.3f}")
     assert tuned_accuracy >= base_accuracy + MIN_GAIN

@@ -229,3 +229,23 @@ def test_tune_searches_dpo_and_reward_keys(monkeypatch: pytest.MonkeyPatch) -> N
     assert resolve_base(reward)["data"]["seq_len"] == 64
     with pytest.raises(ConfigError, match="val_exact_match"):
         validate_config(TuneConfig, {"recipe": "reward", "metric": "val_exact_match"})
+
+
+@pytest.mark.parametrize("recipe", ["reward", "dpo"])
+def test_bad_records_stop_the_cli_before_ray_starts(
+    recipe: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    from fmray.cli import main
+
+    bad = tmp_path / "prefs.jsonl"
+    good = {"prompt": "What is 1 plus 1?", "chosen": "1 plus 1 is 2.", "rejected": "1 plus 1 is 3."}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": ""}) + "\n")
+    args = [f"model.path={tiny_model_dir}", f"data.source={bad}", f"run.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([recipe, "--config", str(REPO / "jobs" / recipe / "tiny.yaml"), *args])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"data error: {bad}:2: field 'chosen' is an empty reply"
+    assert not ray.is_initialized()
