@@ -169,7 +169,7 @@ def write_samples(ckpt_dir: Path, images: np.ndarray, live: LiveExport) -> None:
     Image.fromarray(sample_grid(images)).save(ckpt_dir / f"{SAMPLES}.png")
 
 
-def sample_grid(images: np.ndarray, columns: int = 8, min_side: int = 96) -> np.ndarray:
+def sample_grid(images: np.ndarray, columns: int = 6, min_side: int = 96) -> np.ndarray:
     """N images (floats in [0, 1]) tiled into rows of `columns`, upscaled (nearest) so small
     images stay visible; a 2-pixel grey border around each."""
     count, height, width, _ = images.shape

@@ -144,7 +144,13 @@ def build_preset(name: str, out_dir: str | Path, words: list[str] | None = None)
         tokenizer=tokenizer,
         text_encoder=CLIPTextModel(text_config),
         unet=UNet2DConditionModel(**spec["unet"]),
-        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+        # v-prediction: a small pixel model trained briefly gives clean backgrounds with it,
+        # where epsilon-prediction left noise all over its few-step samples (measured here).
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="v_prediction",
+        ),
     )
     if spec["space"] == LATENT:
         components["vae"] = AutoencoderKL(**spec["vae"])
