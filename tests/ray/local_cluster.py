@@ -6,7 +6,9 @@ Every node is a `ray start --block` process this module started: stopping a node
 process tree and nothing else (never `ray stop`, which would end every Ray on the machine).
 RAY_ADDRESS is set in every node's environment, so the cluster's own actors (Ray Train's
 placement-group cleaner asks the State API whether its controller lives) find this cluster and
-not another Ray instance of the same machine.
+not another Ray instance of the same machine. The nodes keep their sessions in a temp dir of
+their own, so `ray start` does not record this cluster as the machine's current one
+(/tmp/ray/ray_current_cluster), which a later `ray.init()` would try to join after it is gone.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -102,6 +106,10 @@ class LocalCluster:
     dashboard_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     nodes: list[Node] = field(default_factory=list)
+    temp_dir: Path = field(
+        # Short: Ray's unix socket paths live under it (at most 107 characters).
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="fmr-", dir="/tmp"))
+    )
 
     @property
     def gcs_address(self) -> str:
@@ -157,15 +165,15 @@ class LocalCluster:
             "--num-gpus=0",
             "--disable-usage-stats",
         ]
-        before = self.num_alive_nodes()
+        known = self.alive_node_ids()
         node = self._start(f"worker{len(self.nodes)}", args)
-        self._wait(lambda: self.num_alive_nodes() > before, node, "the worker node to join")
+        self._wait(lambda: self.alive_node_ids() - known, node, "the worker node to join")
         return node
 
     def _start(self, name: str, args: list[str]) -> Node:
         log = self.workdir / f"ray-{name}.log"
         process = subprocess.Popen(
-            [RAY, "start", "--block", *node_ports(), *args],
+            [RAY, "start", "--block", f"--temp-dir={self.temp_dir}", *node_ports(), *args],
             env=self.node_env(),
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
@@ -188,7 +196,7 @@ class LocalCluster:
                 return False
 
         self._wait(job_server_up, node, "the head's job server")
-        self._wait(lambda: self.num_alive_nodes() >= 1, node, "the head's raylet")
+        self._wait(self.alive_node_ids, node, "the head's raylet")
 
     def _wait(self, ready, node: Node, what: str, timeout_s: float = 120) -> None:
         deadline = time.time() + timeout_s
@@ -197,8 +205,8 @@ class LocalCluster:
                 raise RuntimeError(f"{what} did not come up:\n{node.log.read_text()[-3000:]}")
             time.sleep(0.5)
 
-    def num_alive_nodes(self) -> int:
-        """Alive nodes as the GCS sees them (the State API, authenticated)."""
+    def alive_node_ids(self) -> set[str]:
+        """Ids of the nodes the GCS holds alive (the State API, authenticated)."""
         request = urllib.request.Request(
             f"{self.dashboard_url}/api/v0/nodes",
             headers={"Authorization": f"Bearer {self.token}"},
@@ -207,9 +215,10 @@ class LocalCluster:
             with urllib.request.urlopen(request, timeout=10) as response:
                 nodes = json.loads(response.read())["data"]["result"]["result"]
         except (OSError, KeyError, ValueError):
-            return 0
-        return sum(1 for node in nodes if node.get("state") == "ALIVE")
+            return set()
+        return {node["node_id"] for node in nodes if node.get("state") == "ALIVE"}
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,225 @@
+"""Two Ray nodes on one machine (a head and a worker node, separate raylets with their own CPUs,
+token auth on): a 2-worker ZeRO-3 pretrain places one worker on each node and gives the loss
+curve of a plain single-process PyTorch loop, with its checkpoints in the storage both nodes
+share; killing the worker node mid-run (its raylet and workers) restarts the run from its last
+checkpoint once a node rejoins, and it ends with the uninterrupted run's weights.
+
+The driver is `fmray pretrain --address HEAD` in a subprocess, so the session's local Ray
+instance (tests/ray/conftest.py) is neither used nor disturbed. Two Ray Train fits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmray.config import load_config
+from fmray.distributed.deepspeed_setup import lr_at
+from fmray.train.pretrain import PretrainConfig
+from tests.ray.local_cluster import LocalCluster, Node
+
+pytestmark = pytest.mark.ray
+
+STEPS = 20
+# A worker needs 2 CPUs: the head (3 CPUs) fits one, the worker node (2 CPUs) the other, so
+# the two ranks are on different nodes whatever Ray's placement strategy.
+HEAD_CPUS, NODE_CPUS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    nodes = LocalCluster(tmp_path_factory.mktemp("multinode"), head_cpus=HEAD_CPUS)
+    try:
+        nodes.start_head()
+        nodes.add_worker_node(NODE_CPUS)
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("multinode_runs")
+
+
+def overrides(workdir: Path, init_dir: Path, name: str) -> list[str]:
+    return [
+        f"run.name={name}",
+        f"run.output_dir={workdir / 'runs'}",
+        f"model.path={init_dir}",
+        f"data.tokenizer={init_dir}",
+        f"data.cache_dir={workdir / 'data'}",
+        "data.num_documents=600",
+        "data.seq_len=64",
+        "data.val_fraction=0.1",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        f"train.max_steps={STEPS}",
+        "train.lr=3e-3",
+        "train.warmup_steps=5",
+        "train.log_every=1",
+        "train.eval_every=10",
+        "train.eval_batches=2",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=4",
+        "zero.stage=3",
+        "scaling.num_workers=2",
+        f"scaling.cpus_per_worker={NODE_CPUS}",
+        "scaling.max_failures=1",
+        "logging.tensorboard=false",
+    ]
+
+
+def pretrain(cluster: LocalCluster, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmray", "pretrain", "--address", cluster.gcs_address, *args],
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def workers_on(node: Node) -> int:
+    count = 0
+    for proc in node.descendants():
+        try:
+            count += "RayTrainWorker" in " ".join(proc.cmdline())
+        except psutil.Error:
+            pass
+    return count
+
+
+def watch_placement(cluster: LocalCluster, seen: list[tuple[int, int]], done: threading.Event):
+    """Record (workers on the head, workers on the worker node) while the run is on."""
+    head, node = cluster.nodes[0], cluster.nodes[1]
+    while not done.is_set():
+        seen.append((workers_on(head), workers_on(node)))
+        time.sleep(0.5)
+
+
+def losses_of(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a step logged again after a restart keeps its latest value."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def reference_losses(init_dir: Path, packed_root: Path, config: PretrainConfig) -> list[float]:
+    """The same training as a plain single-process PyTorch loop over the same blocks."""
+    from transformers import AutoModelForCausalLM
+
+    train = config.train
+    model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train.lr, betas=train.betas, eps=1e-8, weight_decay=0.0
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, train))
+    table = pq.read_table(packed_root / "train").sort_by("index")
+    blocks = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+    global_batch = train.micro_batch_size * train.grad_accum_steps * config.scaling.num_workers
+    losses = []
+    for step in range(train.max_steps):
+        batch = torch.from_numpy(blocks[step * global_batch : (step + 1) * global_batch])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: LocalCluster, workdir: Path, tiny_model_dir: Path) -> dict:
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+    watcher = threading.Thread(target=watch_placement, args=(cluster, seen, done))
+    watcher.start()
+    try:
+        run = pretrain(cluster, overrides(workdir, tiny_model_dir, "two-nodes"))
+        console, _ = run.communicate(timeout=600)
+    finally:
+        done.set()
+        watcher.join()
+    assert run.returncode == 0, console[-5000:]
+    return {"console": console, "placement": seen}
+
+
+def test_zero3_across_two_nodes_matches_plain_pytorch(
+    uninterrupted: dict, workdir: Path, tiny_model_dir: Path
+) -> None:
+    assert (1, 1) in uninterrupted["placement"], "the two ranks never ran on different nodes"
+    assert (2, 0) not in uninterrupted["placement"] and (0, 2) not in uninterrupted["placement"]
+    config = load_config(PretrainConfig, None, overrides(workdir, tiny_model_dir, "two-nodes"))
+    (packed_root,) = [p for p in (workdir / "data").iterdir() if (p / "packed.json").is_file()]
+    expected = reference_losses(tiny_model_dir, packed_root, config)
+    got = losses_of(workdir / "runs" / "two-nodes")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert np.max(np.abs(np.array([got[s] for s in sorted(got)]) - np.array(expected))) <= 1e-4
+    assert got[STEPS] < got[1] - 0.5  # it learned
+
+    # Both ranks wrote their shard of each checkpoint into the storage the nodes share.
+    checkpoint = workdir / "runs" / "two-nodes" / f"checkpoint_{STEPS:08d}"
+    assert (checkpoint / "fmray.json").is_file()
+    assert sorted(p.name for p in (checkpoint / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+    shards = sorted(p.name for p in (checkpoint / "modules").rglob("*optim_states.pt"))
+    assert (
+        len(shards) == 2
+        and any("rank_0" in s for s in shards)
+        and any("rank_1" in s for s in shards)
+    )
+
+
+def kill_node_after(cluster: LocalCluster, checkpoint: Path, log: list[str]) -> None:
+    """Once `checkpoint` is complete, SIGKILL the worker node, then start a fresh one."""
+    deadline = time.time() + 400
+    while not (checkpoint / "fmray.json").is_file():
+        if time.time() > deadline:
+            log.append("timed out waiting for the checkpoint")
+            return
+        time.sleep(0.05)
+    node = cluster.nodes[1]
+    log.append(f"killing the worker node ({workers_on(node)} training worker on it)")
+    node.kill()
+    cluster.nodes.remove(node)
+    cluster.add_worker_node(NODE_CPUS)
+    log.append("a new worker node joined")
+
+
+def test_killed_node_restarts_from_checkpoint_with_the_uninterrupted_weights(
+    cluster: LocalCluster, uninterrupted: dict, workdir: Path, tiny_model_dir: Path
+) -> None:
+    log: list[str] = []
+    checkpoint_10 = workdir / "runs" / "killed" / "checkpoint_00000010"
+    killer = threading.Thread(target=kill_node_after, args=(cluster, checkpoint_10, log))
+    killer.start()
+    run = pretrain(cluster, overrides(workdir, tiny_model_dir, "killed"))
+    try:
+        console, _ = run.communicate(timeout=600)
+    finally:
+        killer.join()
+    assert log[:1] == ["killing the worker node (1 training worker on it)"], log
+    assert log[-1] == "a new worker node joined", log
+    assert run.returncode == 0, console[-5000:]
+    assert "[fmray] resumed from step 10" in console, console[-5000:]
+
+    final = f"checkpoint_{STEPS:08d}/hf/model.safetensors"
+    reference = load_file(str(workdir / "runs" / "two-nodes" / final))
+    resumed = load_file(str(workdir / "runs" / "killed" / final))
+    assert reference.keys() == resumed.keys()
+    for key, value in reference.items():
+        assert torch.allclose(value, resumed[key], atol=1e-6, rtol=0), key
+    expected = losses_of(workdir / "runs" / "two-nodes")
+    assert losses_of(workdir / "runs" / "killed") == pytest.approx(expected, abs=1e-6)
