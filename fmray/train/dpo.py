@@ -147,6 +147,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 None, str(local_dir_of(reference_path)), len(tokenizer)
             )
         reference = build_frozen_engine(reference_model, ds_config)
+        del reference_model  # the engine holds it; dropping the engine frees it
 
     # --- resume: model (or adapters), optimizer, scheduler, RNG; data position from the step
     start_step = resume(engines, train, plan, kind)
@@ -374,10 +375,9 @@ def evaluate_pairs(
 
 
 def check_inputs(config: DPOConfig) -> None:
-    from fmray.train.launch import resolve_model_path
-    from fmray.train.preference import check_preference_inputs
+    from fmray.train.launch import check_chat_inputs, resolve_model_path
 
-    check_preference_inputs(config)
+    check_chat_inputs(config)
     if config.dpo.reference is not None:
         resolve_model_path(config.dpo.reference, "dpo.reference")
 

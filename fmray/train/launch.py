@@ -61,6 +61,19 @@ def resolve_model_path(path: str, key: str = "model.path") -> str:
         ) from None
 
 
+def check_chat_inputs(config: Any) -> None:
+    """Fail before Ray starts (chat recipes: sft, reward, dpo): model.path, the data files and
+    checkpoint.resume must exist."""
+    resolve_model_path(str(config.model.path))
+    for key, source in (
+        ("data.source", config.data.source),
+        ("data.eval_source", config.data.eval_source),
+    ):
+        if source not in (None, "builtin") and not storage.exists(storage.resolve(source)):
+            raise ConfigError(f"config error: {key}={source!r}: no such file or folder")
+    check_resume(config)
+
+
 def prepare_chat_tokenizer(
     tokenizer_setting: str | None, model_path: str, run_dir: str
 ) -> tuple[Any, str]:

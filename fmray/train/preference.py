@@ -33,20 +33,6 @@ class PreferencePlan(TrainPlan):
     """DPO's frozen reference model (None: the base model, or the LoRA base)."""
 
 
-def check_preference_inputs(config: Any) -> None:
-    """Fail before Ray starts: the model, the data files and checkpoint.resume must exist."""
-    from fmray.train.launch import check_resume, resolve_model_path
-
-    resolve_model_path(str(config.model.path))
-    for key, source in (
-        ("data.source", config.data.source),
-        ("data.eval_source", config.data.eval_source),
-    ):
-        if source not in (None, "builtin") and not storage.exists(storage.resolve(source)):
-            raise ConfigError(f"config error: {key}={source!r}: no such file or folder")
-    check_resume(config)
-
-
 def prepare_preference_run(
     config: Any, reference: str | None = None, num_eval_conversations: int = 0
 ) -> PreferencePlan:

@@ -230,9 +230,9 @@ def evaluate_pairs(
 
 
 def check_inputs(config: RewardConfig) -> None:
-    from fmray.train.preference import check_preference_inputs
+    from fmray.train.launch import check_chat_inputs
 
-    check_preference_inputs(config)
+    check_chat_inputs(config)
 
 
 def prepare_run(config: RewardConfig) -> PreferencePlan:

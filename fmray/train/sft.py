@@ -29,7 +29,6 @@ from pydantic import model_validator
 from fmray import storage
 from fmray.config import (
     CheckpointSection,
-    ConfigError,
     LoggingSection,
     ModelSection,
     RunSection,
@@ -265,16 +264,9 @@ def eval_loss(engine: Any, eval_rows: list[dict[str, np.ndarray]], device: Any) 
 
 def check_inputs(config: SFTConfig) -> None:
     """Fail before Ray starts: the model, the data files and checkpoint.resume must exist."""
-    from fmray.train.launch import check_resume, resolve_model_path
+    from fmray.train.launch import check_chat_inputs
 
-    resolve_model_path(str(config.model.path))
-    for key, source in (
-        ("data.source", config.data.source),
-        ("data.eval_source", config.data.eval_source),
-    ):
-        if source not in (None, "builtin") and not storage.exists(storage.resolve(source)):
-            raise ConfigError(f"config error: {key}={source!r}: no such file or folder")
-    check_resume(config)
+    check_chat_inputs(config)
 
 
 def prepare_run(config: SFTConfig) -> SFTPlan:

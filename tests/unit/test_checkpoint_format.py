@@ -5,8 +5,6 @@ exports, and the frozen (inference-only) engine."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +21,7 @@ from fmray.train.worker import build_frozen_engine, build_train_engine, zero3_co
 TRAIN = TrainSection(micro_batch_size=2, lr=1e-2, warmup_steps=0, max_steps=10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group() -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-        os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend="gloo")
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def engine_for(model_dir: Path, stage: int, lora: LoraSection | None = None) -> Any:

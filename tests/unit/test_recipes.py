@@ -21,8 +21,10 @@ def test_registry_names_each_recipes_config_and_tune_abilities() -> None:
     assert recipe_config_class("pretrain").__name__ == "PretrainConfig"
     assert get_recipe("sft").tunable_metrics == ("val_loss", "val_exact_match", "loss")
     assert get_recipe("pretrain").tunable_metrics == ("val_loss", "loss")
-    assert tunable_recipes() == ["pretrain", "sft"]
-    assert pbt_recipes() == ["sft"]
+    assert tunable_recipes()[:4] == ["pretrain", "sft", "reward", "dpo"]
+    assert pbt_recipes()[:3] == ["sft", "reward", "dpo"]
+    assert recipe_config_class("dpo").__name__ == "DPOConfig"
+    assert get_recipe("dpo").path_keys == ("dpo.reference",)
     assert isinstance(COMMANDS["export"], Tool)
     with pytest.raises(KeyError, match="'export' is not a recipe"):
         get_recipe("export")
@@ -33,7 +35,7 @@ def test_tune_errors_list_what_the_registry_allows() -> None:
 
     space = {"train.lr": "loguniform(1e-4, 1e-3)"}
     with pytest.raises(
-        ConfigError, match=r"recipe='tokenizer' cannot be tuned \(allowed: pretrain, sft\)"
+        ConfigError, match=r"recipe='tokenizer' cannot be tuned \(allowed: pretrain, sft, reward"
     ):
         validate_config(TuneConfig, {"search_space": space, "recipe": "tokenizer"})
     pbt = {
@@ -42,7 +44,9 @@ def test_tune_errors_list_what_the_registry_allows() -> None:
         "metric": "loss",
         "scheduler": {"name": "pbt"},
     }
-    with pytest.raises(ConfigError, match=r"scheduler.name=pbt needs .*\(allowed: sft\)"):
+    with pytest.raises(
+        ConfigError, match=r"scheduler.name=pbt needs .*\(allowed: sft, reward, dpo"
+    ):
         validate_config(TuneConfig, pbt)
 
 

@@ -6,8 +6,6 @@ reference (the policy with adapters off) is the base model."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +25,7 @@ TRAIN = TrainSection(micro_batch_size=2, lr=1e-2, warmup_steps=0, max_steps=10)
 LORA = LoraSection(r=4, dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group() -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-        os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend="gloo")
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def pad_id(model_dir: Path) -> int:

@@ -134,6 +134,7 @@ def test_params_apply_to_null_sections() -> None:
 
 
 def test_every_sft_and_tune_preset_loads() -> None:
+    from fmray.recipes import recipe_config_class
     from fmray.train.sft import SFTConfig
 
     sft_presets = sorted((REPO_ROOT / "jobs" / "sft").glob("*.yaml"))
@@ -144,4 +145,5 @@ def test_every_sft_and_tune_preset_loads() -> None:
     for path in tune_presets:
         config = load_config(TuneConfig, path)
         assert config.base is not None and (REPO_ROOT / config.base).is_file()
-        assert load_config(SFTConfig, REPO_ROOT / config.base)  # its base is a valid sft config
+        # its base is a valid config of its recipe
+        assert load_config(recipe_config_class(config.recipe), REPO_ROOT / config.base)
