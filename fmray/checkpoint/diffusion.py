@@ -2,7 +2,7 @@
 (`DiffusionPipeline.from_pretrained` loads it without fmray) with a fast sampler (DDIM or
 DPM-Solver) configured, beside a PNG grid of samples for fixed prompts.
 
-    fmray export runs/diffusion-tiny/checkpoint_00000600 pipeline/
+    fmray export runs/diffusion-tiny/checkpoint_00000400 pipeline/
 
 A checkpoint of kind diffusion holds, besides the shared format:
 

@@ -4,8 +4,9 @@ three fits in all:
 - the tiny pixel-space preset on the built-in shapes reaches a colour accuracy measured here
   (chance: 1 / 6), and its `fmray export` loads in a fresh process with stock diffusers (no
   fmray) and reproduces the in-training samples for the same seeds;
-- the latent (Stable-Diffusion-style) path on ZeRO-2 with EMA, uninterrupted, against the same
-  run resumed through `fmray diffusion` from its middle checkpoint: equal losses and weights.
+- the latent (Stable-Diffusion-style) path on ZeRO-2 with EMA over a folder of captioned PNGs,
+  uninterrupted, against the same run resumed through `fmray diffusion` from its middle
+  checkpoint: equal losses and weights.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from fmray.train.diffusion import DiffusionConfig, run
 pytestmark = pytest.mark.ray
 
 PIXEL_STEPS = 400
-# Chance is 1/6; measured here, see docs/diffusion.md.
-MIN_COLOUR_ACC = 0.35
+# Chance is 1/6; measured here: 0.39 (14 of 36 prompts) with these seeds (docs/diffusion.md).
+MIN_COLOUR_ACC = 0.3
 LATENT_STEPS = 8
 
 
@@ -132,9 +133,9 @@ def latent_overrides(workdir: Path, base: Path, name: str, *extra: str) -> list[
         f"run.name={name}",
         f"run.output_dir={workdir / 'runs'}",
         f"model.path={base}",
+        f"data.source={workdir / 'images'}",
+        "data.val_fraction=0.25",
         f"data.cache_dir={workdir / 'data'}",
-        "data.num_images=128",
-        "data.num_eval_images=8",
         "diffusion.ema_decay=0.9",
         "diffusion.snr_gamma=5.0",
         "model.prediction_type=v_prediction",
@@ -156,8 +157,24 @@ def latent_overrides(workdir: Path, base: Path, name: str, *extra: str) -> list[
 
 @pytest.fixture(scope="module")
 def latent_base(workdir: Path) -> Path:
+    """Random SD-style components, and a folder of 64 captioned PNGs (imagefolder layout) at
+    twice the model's resolution, so Ray Data decodes and resizes them."""
+    import random
+
+    from PIL import Image
+
+    from fmray.data.images import caption_of, render_shape, shape_items
     from fmray.models.diffusion import build_preset
 
+    folder = workdir / "images"
+    folder.mkdir()
+    records = []
+    for i, item in enumerate(shape_items(64, seed=5)):
+        attrs = (item["colour"], item["shape"], item["position"])
+        image = render_shape(*attrs, 64, random.Random(item["jitter_seed"]))
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+        records.append(json.dumps({"file_name": f"{i:04d}.png", "text": caption_of(*attrs)}))
+    (folder / "metadata.jsonl").write_text("\n".join(records) + "\n")
     torch.manual_seed(0)
     return build_preset("tiny-latent", workdir / "tiny-latent")
 

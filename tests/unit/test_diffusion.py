@@ -204,3 +204,19 @@ def test_checkpoint_exports_a_pipeline_that_reproduces_the_samples(
     # The grid writer tiles what it is given.
     write_samples(tmp_path, images, live)
     assert (tmp_path / "samples.png").is_file()
+
+
+def test_folder_images_are_resized_and_centre_cropped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fmray.data.images import captions_file, decode_batch
+
+    wide = np.zeros((40, 80, 3), dtype=np.uint8)
+    wide[:, 20:60] = (200, 30, 30)  # the centre square of a 2:1 image
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "wide.png", "text": "red"}\n')
+    assert captions_file(str(tmp_path), None).endswith("metadata.jsonl")
+    batch = {"file": np.array(["wide.png"]), "caption": np.array(["red"])}
+    pixels = decode_batch(batch, str(tmp_path), 16)["pixels"].reshape(16, 16, 3)
+    assert pixels.shape == (16, 16, 3)
+    assert abs(int(pixels[8, 8, 0]) - 200) <= 2 and abs(int(pixels[8, 1, 0]) - 200) <= 40
