@@ -108,9 +108,9 @@ def exit_status(info: Any) -> int:
     return info.driver_exit_code or 1
 
 
-def follow(client: Any, job_id: str, prog: str, out: TextIO = sys.stdout) -> Any:
+def follow(client: Any, job_id: str, prog: str, out: TextIO | None = None) -> Any:
     """Stream the job's logs until it ends; return its final JobInfo. Ctrl-C propagates."""
-    asyncio.run(_tail(client, job_id, out))
+    asyncio.run(_tail(client, job_id, out or sys.stdout))
     return wait_until_done(client, job_id, prog)
 
 

@@ -270,3 +270,46 @@ def test_exit_status(status: str, driver_exit_code: int | None, expected: int) -
 
     info = SimpleNamespace(status=JobStatus(status), driver_exit_code=driver_exit_code)
     assert client.exit_status(info) == expected
+
+
+class InterruptedJob:
+    """A job server whose log stream is interrupted by Ctrl-C; the job stops when told to."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def tail_job_logs(self, job_id: str):
+        yield "[fmray] step 1/100\n"
+        raise KeyboardInterrupt
+
+    def stop_job(self, job_id: str) -> bool:
+        self.stopped = True
+        return True
+
+    def get_job_info(self, job_id: str):
+        from ray.job_submission import JobStatus
+
+        status = JobStatus.STOPPED if self.stopped else JobStatus.RUNNING
+        return SimpleNamespace(status=status, driver_exit_code=None, message="Job was stopped")
+
+
+@pytest.mark.parametrize(
+    ("on_interrupt", "stopped", "code"),
+    [("stop", True, 143), ("detach", False, 0), ("ask", False, 0)],
+)
+def test_ctrl_c_stops_or_detaches(
+    on_interrupt: str, stopped: bool, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ask` without a terminal (as here) detaches: a job is never stopped unasked."""
+    from fmray.ops.submit import follow_or_interrupt
+
+    job = InterruptedJob()
+    assert follow_or_interrupt(job, "job-1", on_interrupt, "http://HEAD_IP:8265") == code
+    assert job.stopped is stopped
+    out = capsys.readouterr().out
+    assert out.startswith("[fmray] step 1/100\n")
+    if stopped:
+        assert "[fmray] stopping job-1" in out and "job job-1 STOPPED" in out
+    else:
+        assert "[fmray] detached; job-1 keeps running on the cluster" in out
+        assert "fmray jobs stop job-1 --address http://HEAD_IP:8265" in out
