@@ -7,7 +7,8 @@ DPM-Solver) configured, beside a PNG grid of samples for fixed prompts.
 A checkpoint of kind diffusion holds, besides the shared format:
 
     pipeline/        the diffusers pipeline: EMA weights of the UNet (and of the text encoder when
-                     it trains) when EMA is on, else the trained weights; the frozen components
+                     it trains) when EMA is on, else the trained weights, LoRA adapters merged;
+                     the frozen components
     ema.safetensors  the EMA weights of what trains (resume continues the average from them)
     samples.png      a grid of one sample per fixed prompt, seeded
     samples.npy      the same samples as floats in [0, 1] (N x H x W x 3), with samples.json
@@ -27,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fmray import storage
 from fmray.checkpoint.exporters import partial_dir, publish_export
 from fmray.checkpoint.format import (
+    CONFIG_FILE,
     consolidated_state_dict,
     gather_state_dict,
     module_names,
@@ -113,10 +116,15 @@ class DiffusionExporter:
                 base = storage.local_copy(storage.join(str(meta["base_model"]), name))
                 shutil.rmtree(tmp_dir / name)
                 shutil.copytree(base, tmp_dir / name)
+        lora = (yaml.safe_load((ckpt_dir / CONFIG_FILE).read_text()) or {}).get("lora")
         for name in trained:
             prefix = f"{name}."
             sub_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            save_component(tmp_dir / name, index[name], sub_state)
+            if name == "unet" and lora:
+                base = storage.local_copy(storage.join(str(meta["base_model"]), "unet"))
+                save_lora_unet(tmp_dir / name, base, lora, sub_state)
+            else:
+                save_component(tmp_dir / name, index[name], sub_state)
         return publish_export(tmp_dir, out_dir)
 
 
@@ -152,6 +160,28 @@ def save_component(folder: Path, library_class: list[str], state: dict[str, torc
         if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
             path.unlink()
     model.save_pretrained(str(folder))
+
+
+def save_lora_unet(
+    folder: Path, base_dir: Path, lora: dict[str, Any], state: dict[str, torch.Tensor]
+) -> None:
+    """The base UNet with the checkpoint's LoRA adapters merged into its weights, saved there."""
+    from diffusers import UNet2DConditionModel
+
+    from fmray.models.diffusion import add_unet_lora, merge_lora
+
+    unet = UNet2DConditionModel.from_pretrained(str(base_dir))
+    add_unet_lora(unet, lora["r"], lora["alpha"], lora["target_modules"])
+    _, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(
+            f"unet: LoRA weights do not match the config (unexpected {unexpected[:3]})"
+        )
+    merge_lora(unet)
+    for path in folder.iterdir():
+        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+            path.unlink()
+    unet.save_pretrained(str(folder))
 
 
 def write_samples(ckpt_dir: Path, images: np.ndarray, live: LiveExport) -> None:

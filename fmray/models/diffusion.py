@@ -26,6 +26,8 @@ PIPELINE_CLASSES = {PIXEL: "IFPipeline", LATENT: "StableDiffusionPipeline"}
 # The IF pipeline always encodes prompts at this length; Stable Diffusion uses the tokenizer's.
 TEXT_LEN = 77
 SAMPLERS = ("ddim", "dpm")
+# The UNet's attention projections: where LoRA adapters go by default (as diffusers' scripts do).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 _TEXT = dict(
     hidden_size=64,
@@ -267,6 +269,28 @@ class Denoiser(torch.nn.Module):
         return out[:, : noisy.shape[1]].float()
 
 
+def add_unet_lora(unet: Any, r: int, alpha: float, target_modules: list[str]) -> None:
+    """Freeze the UNet and add LoRA adapters (peft) to `target_modules`: only they train."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)
+    )
+    try:
+        unet.add_adapter(config)
+    except ValueError as err:  # peft names the modules it could not find
+        raise ValueError(f"lora.target_modules={target_modules}: {err}") from None
+
+
+def merge_lora(unet: Any) -> Any:
+    """Fold LoRA adapters into the weights and drop them: a plain UNet2DConditionModel."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+    return unet
+
+
 # ----------------------------------------------------------------------------- pipelines
 
 
@@ -304,6 +328,7 @@ def pipeline_of(
     trained = copy.deepcopy(denoiser).float().eval()
     if weights is not None:
         trained.load_state_dict(weights, strict=False)
+    merge_lora(trained.unet)
     components = dict(
         tokenizer=parts.tokenizer,
         text_encoder=trained.text_encoder or parts.text_encoder,

@@ -10,7 +10,8 @@ per config, its text encoder) that learns to reverse noise added to captioned im
 seed, saved into the run folder and loaded back like any model); `model.path` is a local diffusers
 Stable Diffusion directory (VAE and text encoder frozen, UNet trained). Training is DDPM with
 epsilon or v-prediction, caption dropout for classifier-free guidance, EMA of the trained weights,
-optional min-SNR weighting, bf16 and gradient checkpointing, under ZeRO 0-2.
+optional min-SNR weighting, LoRA on the UNet (`lora.r=8`), bf16 and gradient checkpointing,
+under ZeRO 0-2.
 
 Everything lands in <run.output_dir>/<run.name>/: config.yaml, metrics.jsonl, tensorboard/,
 base_model/ (presets), data/ (image shards) and one folder per checkpoint holding pipeline/ (a
@@ -70,6 +71,15 @@ class DiffusionModelSection(Section):
         return self
 
 
+class UnetLoraSection(Section):
+    r: int = Field(8, ge=1)
+    """Rank of the adapter matrices."""
+    alpha: float = Field(8.0, gt=0.0)
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """UNet modules that get adapters (default: the attention projections)."""
+
+
 class DiffusionSection(Section):
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of captions replaced by the empty prompt (classifier-free guidance)."""
@@ -99,6 +109,9 @@ class SampleSection(Section):
 class DiffusionConfig(Section):
     run: RunSection = RunSection(name="diffusion")
     model: DiffusionModelSection = DiffusionModelSection()
+    lora: UnetLoraSection | None = None
+    """LoRA adapters on the UNet (setting any lora.* key enables them; the UNet is frozen and
+    only they train; exports merge them); null: the whole UNet trains."""
     data: ImageDataSection = ImageDataSection()
     diffusion: DiffusionSection = DiffusionSection()
     sample: SampleSection = SampleSection()
@@ -174,7 +187,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from fmray.data.images import COLUMNS
     from fmray.data.pipeline import iter_micro_batches, iter_train_batches, rank_block_indices
     from fmray.distributed.deepspeed_setup import build_ds_config
-    from fmray.models.diffusion import Denoiser, load_parts, text_length
+    from fmray.models.diffusion import Denoiser, add_unet_lora, load_parts, text_length
     from fmray.train.checkpointing import Export, checkpoint_and_report, lineage, resume
     from fmray.train.launch import local_dir_of, record_placement_group
     from fmray.train.metrics import MetricsLogger, print_line
@@ -190,6 +203,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ds_config = build_ds_config(train, config.zero, world, config.scaling.use_gpu)
     assert plan.model_path is not None
     parts = load_parts(local_dir_of(plan.model_path), config.model.prediction_type)
+    if config.lora is not None:
+        lora = config.lora
+        add_unet_lora(parts.unet, lora.r, lora.alpha, lora.target_modules)
     train_text = config.model.train_text_encoder
     denoiser = Denoiser(parts.space, parts.unet, parts.text_encoder if train_text else None)
     if config.model.gradient_checkpointing:
@@ -666,6 +682,7 @@ def run(config: DiffusionConfig, address: str | None = None) -> Any:
     if result.checkpoint is not None:
         location = checkpoint_location(result.checkpoint)
         weights = "EMA" if config.diffusion.ema_decay > 0 else "trained"
+        weights += ", LoRA merged" if config.lora is not None else ""
         outputs += [
             (
                 "pipeline",

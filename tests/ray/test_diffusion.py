@@ -73,7 +73,9 @@ def test_tiny_preset_follows_the_prompts_colour(pixel_run, workdir: Path) -> Non
     metrics = pixel_run.metrics
     assert metrics["step"] == PIXEL_STEPS
     assert metrics["colour_acc"] >= MIN_COLOUR_ACC, metrics
-    records = [json.loads(x) for x in (workdir / "runs/pixel/metrics.jsonl").read_text().split()]
+    records = [
+        json.loads(x) for x in (workdir / "runs/pixel/metrics.jsonl").read_text().splitlines()
+    ]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     ckpt = Path(pixel_run.checkpoint.path)

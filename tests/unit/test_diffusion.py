@@ -141,25 +141,38 @@ def rows_of(parts: Any, count: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("preset", "sampler"), [("tiny", "ddim"), ("tiny-latent", "dpm")])
+@pytest.mark.parametrize(
+    ("preset", "sampler", "lora"),
+    [("tiny", "ddim", False), ("tiny-latent", "dpm", True)],
+)
 def test_checkpoint_exports_a_pipeline_that_reproduces_the_samples(
-    preset: str, sampler: str, process_group: None, tmp_path: Path
+    preset: str, sampler: str, lora: bool, process_group: None, tmp_path: Path
 ) -> None:
     """Two ZeRO-2 steps with EMA, a checkpoint without weights in its pipeline (export_hf off:
     frozen parts come from the base model), the offline export: stock diffusers loads it and
-    reproduces the in-training samples for the same seeds."""
+    reproduces the in-training samples for the same seeds. With LoRA only the adapters train
+    and save; the export merges them into a plain UNet."""
     from diffusers import DiffusionPipeline
 
     from fmray.checkpoint import export_checkpoint, save_checkpoint
     from fmray.checkpoint.diffusion import LiveExport, write_samples
     from fmray.distributed.deepspeed_setup import build_ds_config
-    from fmray.models.diffusion import Denoiser, build_preset, generate, load_parts
+    from fmray.models.diffusion import (
+        LORA_TARGETS,
+        Denoiser,
+        add_unet_lora,
+        build_preset,
+        generate,
+        load_parts,
+    )
     from fmray.train.diffusion import EMA, diffusion_loss
     from fmray.train.worker import build_train_engine
 
     torch.manual_seed(0)
     base = build_preset(preset, tmp_path / "base")
     parts = load_parts(base, None)
+    if lora:
+        add_unet_lora(parts.unet, 4, 8.0, LORA_TARGETS)
     train_text = preset == "tiny"
     denoiser = Denoiser(parts.space, parts.unet, parts.text_encoder if train_text else None)
     parts.text_encoder.requires_grad_(train_text)
@@ -183,7 +196,10 @@ def test_checkpoint_exports_a_pipeline_that_reproduces_the_samples(
     from fmray.checkpoint.exporters import exporter_for
 
     exporter_for("diffusion").write_live(engine, ckpt, live, meta, False)
-    save_checkpoint(ckpt, 2, {"denoiser": engine}, "diffusion", "train: {}\n", meta)
+    config_yaml = "lora: {r: 4, alpha: 8.0, target_modules: [to_q, to_k, to_v, to_out.0]}\n"
+    save_checkpoint(ckpt, 2, {"denoiser": engine}, "diffusion", config_yaml if lora else "", meta)
+    if lora:  # only the adapters were saved
+        assert all("lora" in name for name in ema.state_dict())
     assert (ckpt / "samples.png").is_file() and not list((ckpt / "pipeline").rglob("*.safetensors"))
     settings = json.loads((ckpt / "samples.json").read_text())
     assert settings["prompts"] == prompts and settings["seed"] == 5
@@ -196,8 +212,17 @@ def test_checkpoint_exports_a_pipeline_that_reproduces_the_samples(
     expected = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}[sampler]
     assert type(pipeline.scheduler).__name__ == expected
     exported = pipeline.unet.state_dict()
+    assert not any("lora" in name for name in exported)
+    if lora:  # merged: the attention projections moved away from the base model's
+        from diffusers import UNet2DConditionModel
+
+        base_unet = UNet2DConditionModel.from_pretrained(str(base / "unet")).state_dict()
+        moved = [k for k in exported if "to_q" in k and not torch.equal(exported[k], base_unet[k])]
+        assert moved and all(
+            torch.equal(exported[k], base_unet[k]) for k in exported if "conv" in k
+        )
     for name, value in ema.state_dict().items():
-        if name.startswith("unet."):
+        if name.startswith("unet.") and not lora:
             assert torch.equal(exported[name.removeprefix("unet.")], value), name
     images = generate(pipeline, prompts, [5, 6], 3, 3.0)
     np.testing.assert_allclose(images, np.load(ckpt / "samples.npy"), atol=1e-5)
