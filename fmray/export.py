@@ -16,12 +16,18 @@ from pathlib import Path
 
 from fmray.recipes import COMMANDS
 
-KIND_NAMES = {"causal_lm": "HF causal LM", "lora": "merged LoRA model"}
+KIND_NAMES = {
+    "causal_lm": "HF causal LM",
+    "lora": "merged LoRA model",
+    "reward": "reward model (AutoModelForSequenceClassification)",
+    "reward_lora": "merged LoRA reward model (AutoModelForSequenceClassification)",
+}
 
 
 def main(argv: list[str]) -> None:
     from fmray import storage
     from fmray.checkpoint import export_checkpoint, kind_of, read_meta
+    from fmray.checkpoint.exporters import exporter_for
 
     parser = argparse.ArgumentParser(prog="fmray export", description=COMMANDS["export"].summary)
     parser.add_argument("checkpoint", help="an fmray checkpoint folder (checkpoint_<step>)")
@@ -37,7 +43,7 @@ def main(argv: list[str]) -> None:
         kind = kind_of(read_meta(location))
     except ValueError as err:
         parser.error(str(err))
-    if args.adapter_only and kind != "lora":
+    if args.adapter_only and not getattr(exporter_for(kind), "has_adapter", False):
         parser.error(f"--adapter-only: {args.checkpoint} is a {kind!r} checkpoint, not a LoRA one")
     print(f"[fmray] exporting {location} (kind {kind})")
     out = export_checkpoint(location, Path(args.out), adapter_only=args.adapter_only)

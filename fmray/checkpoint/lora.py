@@ -29,6 +29,8 @@ def lora_scale(peft_model: Any) -> float:
 
 class LoraExporter:
     kind = "lora"
+    has_adapter = True
+    """`fmray export --adapter-only` writes the peft adapter alone."""
 
     def load_base(self, model_dir: Path, ckpt_dir: Path) -> Any:
         """The frozen base the adapters were trained on (a subclass for another head changes

@@ -95,9 +95,17 @@ def test_reward_model_resumes_and_exports_for_stock_transformers(
             scores = model(input_ids=pairs(9, pad)).logits.squeeze(-1)
         torch.testing.assert_close(scores, engine_scores, atol=1e-5, rtol=0)
         assert (model_dir / "tokenizer.json").is_file()
-    if lora:
-        adapter = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    if lora:  # the adapter alone, on the base in stock peft, scores the same
+        from peft import PeftModel
+
+        adapter_dir = export_checkpoint(str(ckpt), tmp_path / "adapter", adapter_only=True)
+        adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
         assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+        base = build_reward_model(str(tiny_model_dir), pad)
+        model = PeftModel.from_pretrained(base, adapter_dir).eval()
+        with torch.no_grad():
+            scores = model(input_ids=pairs(9, pad)).logits.squeeze(-1)
+        torch.testing.assert_close(scores, engine_scores, atol=1e-5, rtol=0)
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir: Path) -> None:
