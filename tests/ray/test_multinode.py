@@ -182,14 +182,17 @@ def test_zero3_across_two_nodes_matches_plain_pytorch(
     )
 
 
-def kill_node_after(cluster: LocalCluster, checkpoint: Path, log: list[str]) -> None:
-    """Once `checkpoint` is complete, SIGKILL the worker node, then start a fresh one."""
+def kill_node_after(cluster: LocalCluster, run_dir: Path, step: int, log: list[str]) -> None:
+    """Once Ray Train has registered the run's checkpoint at `step` (the one a restart resumes
+    from), SIGKILL the worker node, then start a fresh one."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    name = f"checkpoint_{step:08d}"
     deadline = time.time() + 400
-    while not (checkpoint / "fmray.json").is_file():
+    while not (snapshot.is_file() and name in snapshot.read_text()):
         if time.time() > deadline:
-            log.append("timed out waiting for the checkpoint")
+            log.append(f"timed out waiting for {name}")
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
     node = cluster.nodes[1]
     log.append(f"killing the worker node ({workers_on(node)} training worker on it)")
     node.kill()
@@ -202,8 +205,8 @@ def test_killed_node_restarts_from_checkpoint_with_the_uninterrupted_weights(
     cluster: LocalCluster, uninterrupted: dict, workdir: Path, tiny_model_dir: Path
 ) -> None:
     log: list[str] = []
-    checkpoint_10 = workdir / "runs" / "killed" / "checkpoint_00000010"
-    killer = threading.Thread(target=kill_node_after, args=(cluster, checkpoint_10, log))
+    run_dir = workdir / "runs" / "killed"
+    killer = threading.Thread(target=kill_node_after, args=(cluster, run_dir, 10, log))
     killer.start()
     run = pretrain(cluster, overrides(workdir, tiny_model_dir, "killed"))
     try:
@@ -213,7 +216,9 @@ def test_killed_node_restarts_from_checkpoint_with_the_uninterrupted_weights(
     assert log[:1] == ["killing the worker node (1 training worker on it)"], log
     assert log[-1] == "a new worker node joined", log
     assert run.returncode == 0, console[-5000:]
-    assert "[fmray] resumed from step 10" in console, console[-5000:]
+    final_meta = json.loads((run_dir / f"checkpoint_{STEPS:08d}" / "fmray.json").read_text())
+    assert final_meta["resumed_from_step"] == 10, console[-5000:]
+    assert "[fmray] resumed from step 10" in console
 
     final = f"checkpoint_{STEPS:08d}/hf/model.safetensors"
     reference = load_file(str(workdir / "runs" / "two-nodes" / final))
