@@ -100,17 +100,22 @@ def reference_losses(init_dir: Path, packed_root: Path, config: PretrainConfig) 
     return losses
 
 
+STAGES = (0, 2, 3)
+
+
 @pytest.fixture(scope="module")
 def stage_runs(ray_cluster, workdir: Path, tiny_model_dir: Path) -> dict[int, object]:
     results = {}
-    for stage in (0, 1, 2, 3):
+    # ZeRO-1 shares ZeRO-2's optimizer code in DeepSpeed; its save/resume/export runs in the unit
+    # tier (test_checkpoint_format.py), which keeps a 2-worker fit out of this tier's budget.
+    for stage in STAGES:
         config = make_config(workdir, tiny_model_dir, f"zero{stage}", f"zero.stage={stage}")
         results[stage] = run(config)
         assert results[stage].error is None
     return results
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", STAGES)
 def test_zero_stage_matches_plain_pytorch(
     stage: int, stage_runs, workdir: Path, tiny_model_dir: Path
 ) -> None:

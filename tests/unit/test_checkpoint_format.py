@@ -53,7 +53,9 @@ def checkpoint(engine: Any, out: Path, kind: str, tokenizer_dir: Path, base: Pat
     return out
 
 
-@pytest.mark.parametrize(("stage", "lora"), [(3, None), (2, LoraSection(r=4, dropout=0.0))])
+@pytest.mark.parametrize(
+    ("stage", "lora"), [(1, None), (3, None), (2, LoraSection(r=4, dropout=0.0))]
+)
 def test_resume_continues_exactly_and_exports_load(
     stage: int, lora: LoraSection | None, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

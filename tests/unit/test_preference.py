@@ -233,11 +233,19 @@ def test_tune_searches_dpo_and_reward_keys(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.parametrize("recipe", ["reward", "dpo"])
 def test_bad_records_stop_the_cli_before_ray_starts(
-    recipe: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    recipe: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ray
-
     from fmray.cli import main
+    from fmray.distributed import runtime
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for a run whose data is bad")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
 
     bad = tmp_path / "prefs.jsonl"
     good = {"prompt": "What is 1 plus 1?", "chosen": "1 plus 1 is 2.", "rejected": "1 plus 1 is 3."}
@@ -248,4 +256,3 @@ def test_bad_records_stop_the_cli_before_ray_starts(
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error == f"data error: {bad}:2: field 'chosen' is an empty reply"
-    assert not ray.is_initialized()
