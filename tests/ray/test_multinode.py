@@ -1,11 +1,12 @@
 """Two Ray nodes on one machine (a head and a worker node, separate raylets with their own CPUs,
-token auth on): a 2-worker ZeRO-3 pretrain places one worker on each node and gives the loss
-curve of a plain single-process PyTorch loop, with its checkpoints in the storage both nodes
-share; killing the worker node mid-run (its raylet and workers) restarts the run from its last
-checkpoint once a node rejoins, and it ends with the uninterrupted run's weights.
+token auth on): a 2-worker ZeRO-3 pretrain places one worker on each node, writes its
+checkpoints into the storage both nodes share, and, with the worker node killed mid-run (its
+raylet and workers), restarts from its last checkpoint once a node rejoins and ends with the loss
+curve and the weights of an uninterrupted plain single-process PyTorch loop.
 
 The driver is `fmray pretrain --address HEAD` in a subprocess, so the session's local Ray
-instance (tests/ray/conftest.py) is neither used nor disturbed. Two Ray Train fits.
+instance (tests/ray/conftest.py) is neither used nor disturbed. One Ray Train fit: the
+uninterrupted reference is the plain loop, which the same fit matches before the kill as well.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ STEPS = 20
 # A worker needs 2 CPUs: the head (3 CPUs) fits one, the worker node (2 CPUs) the other, so
 # the two ranks are on different nodes whatever Ray's placement strategy.
 HEAD_CPUS, NODE_CPUS = 3, 2
+# ZeRO-3 over 2 ranks vs one process: the same sums in another order.
+WEIGHT_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +118,11 @@ def losses_of(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def reference_losses(init_dir: Path, packed_root: Path, config: PretrainConfig) -> list[float]:
-    """The same training as a plain single-process PyTorch loop over the same blocks."""
+def reference_run(
+    init_dir: Path, packed_root: Path, config: PretrainConfig
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses and final weights of the same training as a plain single-process PyTorch loop
+    over the same blocks."""
     from transformers import AutoModelForCausalLM
 
     train = config.train
@@ -138,48 +144,7 @@ def reference_losses(init_dir: Path, packed_root: Path, config: PretrainConfig) 
         scheduler.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(cluster: LocalCluster, workdir: Path, tiny_model_dir: Path) -> dict:
-    seen: list[tuple[int, int]] = []
-    done = threading.Event()
-    watcher = threading.Thread(target=watch_placement, args=(cluster, seen, done))
-    watcher.start()
-    try:
-        run = pretrain(cluster, overrides(workdir, tiny_model_dir, "two-nodes"))
-        console, _ = run.communicate(timeout=600)
-    finally:
-        done.set()
-        watcher.join()
-    assert run.returncode == 0, console[-5000:]
-    return {"console": console, "placement": seen}
-
-
-def test_zero3_across_two_nodes_matches_plain_pytorch(
-    uninterrupted: dict, workdir: Path, tiny_model_dir: Path
-) -> None:
-    assert (1, 1) in uninterrupted["placement"], "the two ranks never ran on different nodes"
-    assert (2, 0) not in uninterrupted["placement"] and (0, 2) not in uninterrupted["placement"]
-    config = load_config(PretrainConfig, None, overrides(workdir, tiny_model_dir, "two-nodes"))
-    (packed_root,) = [p for p in (workdir / "data").iterdir() if (p / "packed.json").is_file()]
-    expected = reference_losses(tiny_model_dir, packed_root, config)
-    got = losses_of(workdir / "runs" / "two-nodes")
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert np.max(np.abs(np.array([got[s] for s in sorted(got)]) - np.array(expected))) <= 1e-4
-    assert got[STEPS] < got[1] - 0.5  # it learned
-
-    # Both ranks wrote their shard of each checkpoint into the storage the nodes share.
-    checkpoint = workdir / "runs" / "two-nodes" / f"checkpoint_{STEPS:08d}"
-    assert (checkpoint / "fmray.json").is_file()
-    assert sorted(p.name for p in (checkpoint / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
-    shards = sorted(p.name for p in (checkpoint / "modules").rglob("*optim_states.pt"))
-    assert (
-        len(shards) == 2
-        and any("rank_0" in s for s in shards)
-        and any("rank_1" in s for s in shards)
-    )
+    return losses, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def kill_node_after(cluster: LocalCluster, run_dir: Path, step: int, log: list[str]) -> None:
@@ -201,30 +166,54 @@ def kill_node_after(cluster: LocalCluster, run_dir: Path, step: int, log: list[s
     log.append("a new worker node joined")
 
 
-def test_killed_node_restarts_from_checkpoint_with_the_uninterrupted_weights(
-    cluster: LocalCluster, uninterrupted: dict, workdir: Path, tiny_model_dir: Path
+def test_zero3_across_two_nodes_survives_a_killed_node_as_plain_pytorch(
+    cluster: LocalCluster, workdir: Path, tiny_model_dir: Path
 ) -> None:
     log: list[str] = []
-    run_dir = workdir / "runs" / "killed"
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+    run_dir = workdir / "runs" / "two-nodes"
+    watcher = threading.Thread(target=watch_placement, args=(cluster, seen, done))
     killer = threading.Thread(target=kill_node_after, args=(cluster, run_dir, 10, log))
+    watcher.start()
     killer.start()
-    run = pretrain(cluster, overrides(workdir, tiny_model_dir, "killed"))
     try:
+        run = pretrain(cluster, overrides(workdir, tiny_model_dir, "two-nodes"))
         console, _ = run.communicate(timeout=600)
     finally:
         killer.join()
+        done.set()
+        watcher.join()
+    assert run.returncode == 0, console[-5000:]
+
+    # One rank per node: the workers never shared a node.
+    assert (1, 1) in seen, "the two ranks never ran on different nodes"
+    assert (2, 0) not in seen and (0, 2) not in seen
+
+    # Both ranks wrote their shard of each checkpoint into the storage the nodes share.
+    checkpoint = run_dir / f"checkpoint_{STEPS:08d}"
+    assert sorted(p.name for p in (checkpoint / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+    shards = sorted(p.name for p in (checkpoint / "modules").rglob("*optim_states.pt"))
+    assert len(shards) == 2
+    assert any("rank_0" in s for s in shards) and any("rank_1" in s for s in shards)
+
+    # The worker node died after the step-10 checkpoint; the run went on from it.
     assert log[:1] == ["killing the worker node (1 training worker on it)"], log
     assert log[-1] == "a new worker node joined", log
-    assert run.returncode == 0, console[-5000:]
-    final_meta = json.loads((run_dir / f"checkpoint_{STEPS:08d}" / "fmray.json").read_text())
+    final_meta = json.loads((checkpoint / "fmray.json").read_text())
     assert final_meta["resumed_from_step"] == 10, console[-5000:]
     assert "[fmray] resumed from step 10" in console
 
-    final = f"checkpoint_{STEPS:08d}/hf/model.safetensors"
-    reference = load_file(str(workdir / "runs" / "two-nodes" / final))
-    resumed = load_file(str(workdir / "runs" / "killed" / final))
-    assert reference.keys() == resumed.keys()
-    for key, value in reference.items():
-        assert torch.allclose(value, resumed[key], atol=1e-6, rtol=0), key
-    expected = losses_of(workdir / "runs" / "two-nodes")
-    assert losses_of(workdir / "runs" / "killed") == pytest.approx(expected, abs=1e-6)
+    # Its losses (steps 11-20 as logged after the restart) and final weights are those of the
+    # uninterrupted plain PyTorch loop.
+    config = load_config(PretrainConfig, None, overrides(workdir, tiny_model_dir, "two-nodes"))
+    (packed_root,) = [p for p in (workdir / "data").iterdir() if (p / "packed.json").is_file()]
+    expected, weights = reference_run(tiny_model_dir, packed_root, config)
+    got = losses_of(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert np.max(np.abs(np.array([got[s] for s in sorted(got)]) - np.array(expected))) <= 1e-4
+    assert got[STEPS] < got[1] - 0.5  # it learned
+    resumed = load_file(str(checkpoint / "hf" / "model.safetensors"))
+    assert weights.keys() == resumed.keys()
+    for key, value in weights.items():
+        assert torch.allclose(value, resumed[key], atol=WEIGHT_ATOL, rtol=0), key
