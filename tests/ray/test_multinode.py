@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fmray.config import load_config
-from fmray.distributed.deepspeed_setup import lr_at
 from fmray.train.pretrain import PretrainConfig
 from tests.ray.local_cluster import LocalCluster, Node
+from tests.ray.test_pretrain import reference_run
 
 pytestmark = pytest.mark.ray
 
@@ -116,35 +115,6 @@ def losses_of(run_dir: Path) -> dict[int, float]:
     """Step -> loss; a step logged again after a restart keeps its latest value."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def reference_run(
-    init_dir: Path, packed_root: Path, config: PretrainConfig
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses and final weights of the same training as a plain single-process PyTorch loop
-    over the same blocks."""
-    from transformers import AutoModelForCausalLM
-
-    train = config.train
-    model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=train.lr, betas=train.betas, eps=1e-8, weight_decay=0.0
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, train))
-    table = pq.read_table(packed_root / "train").sort_by("index")
-    blocks = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
-    global_batch = train.micro_batch_size * train.grad_accum_steps * config.scaling.num_workers
-    losses = []
-    for step in range(train.max_steps):
-        batch = torch.from_numpy(blocks[step * global_batch : (step + 1) * global_batch])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def kill_node_after(cluster: LocalCluster, run_dir: Path, step: int, log: list[str]) -> None:

@@ -74,8 +74,11 @@ def final_weights(result) -> dict[str, torch.Tensor]:
     return load_file(str(Path(result.checkpoint.path) / "hf" / "model.safetensors"))
 
 
-def reference_losses(init_dir: Path, packed_root: Path, config: PretrainConfig) -> list[float]:
-    """The same training as a plain single-process PyTorch loop over the same blocks."""
+def reference_run(
+    init_dir: Path, packed_root: Path, config: PretrainConfig
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses and final weights of the same training as a plain single-process PyTorch loop
+    over the same blocks (also the multi-node test's reference)."""
     from transformers import AutoModelForCausalLM
 
     train = config.train
@@ -97,7 +100,7 @@ def reference_losses(init_dir: Path, packed_root: Path, config: PretrainConfig) 
         scheduler.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses
+    return losses, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 STAGES = (0, 2, 3)
@@ -121,7 +124,7 @@ def test_zero_stage_matches_plain_pytorch(
 ) -> None:
     config = make_config(workdir, tiny_model_dir, f"zero{stage}", f"zero.stage={stage}")
     (packed_root,) = [p for p in (workdir / "data").iterdir() if (p / "packed.json").is_file()]
-    expected = reference_losses(tiny_model_dir, packed_root, config)
+    expected, _ = reference_run(tiny_model_dir, packed_root, config)
     got = losses_of(workdir / "runs" / f"zero{stage}")
     assert len(got) == STEPS
     assert np.max(np.abs(np.array(got) - np.array(expected))) <= 1e-4

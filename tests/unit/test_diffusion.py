@@ -5,9 +5,7 @@ tokenizer, configs and presets, the loss against its closed form, and the diffus
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -108,20 +106,6 @@ def test_min_snr_weights_match_the_closed_form() -> None:
 # ----------------------------------------------------------------------------- checkpoint
 
 
-@pytest.fixture(scope="module")
-def process_group() -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-        os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend="gloo")
-
-
 def rows_of(parts: Any, count: int) -> dict[str, torch.Tensor]:
     from fmray.models.diffusion import text_length
 
@@ -146,7 +130,7 @@ def rows_of(parts: Any, count: int) -> dict[str, torch.Tensor]:
     [("tiny", "ddim", False), ("tiny-latent", "dpm", True)],
 )
 def test_checkpoint_exports_a_pipeline_that_reproduces_the_samples(
-    preset: str, sampler: str, lora: bool, process_group: None, tmp_path: Path
+    preset: str, sampler: str, lora: bool, single_process_group: None, tmp_path: Path
 ) -> None:
     """Two ZeRO-2 steps with EMA, a checkpoint without weights in its pipeline (export_hf off:
     frozen parts come from the base model), the offline export: stock diffusers loads it and
