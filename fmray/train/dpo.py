@@ -107,12 +107,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from fmray.train.launch import local_dir_of, record_placement_group
     from fmray.train.losses import dpo_loss
     from fmray.train.metrics import MetricsLogger, print_line, step_metrics
-    from fmray.train.preference import all_reduce_sums, read_eval_pairs
     from fmray.train.worker import (
+        all_reduce_sums,
         build_frozen_engine,
         build_train_engine,
         grad_norm_of,
         rank_share,
+        read_eval_rows,
         setup_worker,
         zero3_construction,
     )
@@ -172,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     mean_logps = dpo.loss == "ipo"
     # The reference is frozen: its held-out scores are computed once.
-    eval_pairs = read_eval_pairs(rank, world, micro, plan, columns)
+    eval_pairs = read_eval_rows(rank, world, micro, plan, columns)
     eval_reference = [
         reference_logps(engine, reference, rows, device, mean_logps) for rows in eval_pairs
     ]
@@ -344,7 +345,7 @@ def evaluate_pairs(
 ) -> dict[str, float]:
     """DPO loss, accuracy, margin and rewards over every held-out pair of all ranks."""
     from fmray.train.losses import dpo_loss
-    from fmray.train.preference import all_reduce_sums
+    from fmray.train.worker import all_reduce_sums
 
     dpo = config.dpo
     engine.eval()

@@ -103,30 +103,3 @@ def pair_tensors(
     ids = np.concatenate([rows["chosen_input_ids"], rows["rejected_input_ids"]])
     labels = np.concatenate([rows["chosen_labels"], rows["rejected_labels"]])
     return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
-
-
-def read_eval_pairs(rank: int, world: int, micro: int, plan: TrainPlan, columns: tuple[str, ...]):
-    """This rank's held-out micro-batches, read once (they are few and read every evaluation)."""
-    import ray.train
-
-    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
-
-    limit = plan.num_eval_batches * micro * world
-    return list(
-        iter_micro_batches(
-            ray.train.get_dataset_shard(f"eval_rank{rank}"),
-            micro,
-            0,
-            rank_block_indices(rank, world, micro, 0, limit),
-            columns,
-        )
-    )
-
-
-def all_reduce_sums(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
-    """Sum each value over all ranks (one collective)."""
-    import torch.distributed as dist
-
-    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(device)
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return totals.tolist()

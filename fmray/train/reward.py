@@ -79,10 +79,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from fmray.train.launch import local_dir_of, record_placement_group
     from fmray.train.losses import bradley_terry_loss
     from fmray.train.metrics import MetricsLogger, print_line, step_metrics
-    from fmray.train.preference import all_reduce_sums, pair_tensors, read_eval_pairs
+    from fmray.train.preference import pair_tensors
     from fmray.train.worker import (
+        all_reduce_sums,
         build_train_engine,
         grad_norm_of,
+        read_eval_rows,
         setup_worker,
         zero3_construction,
     )
@@ -128,7 +130,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         plan.seq_len,
         PAIR_COLUMNS,
     )
-    eval_pairs = read_eval_pairs(rank, world, micro, plan, PAIR_COLUMNS)
+    eval_pairs = read_eval_rows(rank, world, micro, plan, PAIR_COLUMNS)
     export = Export(kind, "model", tokenizer, config.checkpoint.export_hf)
     config_yaml = dump_config(config)
     stop_step = min(plan.stop_step or train.max_steps, train.max_steps)
@@ -201,7 +203,8 @@ def evaluate_pairs(
 ) -> dict[str, float]:
     """Mean Bradley-Terry loss, accuracy and margin over every held-out pair of all ranks."""
     from fmray.train.losses import bradley_terry_loss
-    from fmray.train.preference import all_reduce_sums, pair_tensors
+    from fmray.train.preference import pair_tensors
+    from fmray.train.worker import all_reduce_sums
 
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs

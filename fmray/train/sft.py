@@ -86,7 +86,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from fmray.data.pipeline import iter_micro_batches, iter_train_batches, rank_block_indices
+    from fmray.data.pipeline import iter_train_batches
     from fmray.data.sft_data import ROW_COLUMNS
     from fmray.data.tokenizer import load_tokenizer
     from fmray.distributed.deepspeed_setup import build_ds_config
@@ -100,6 +100,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         build_train_engine,
         grad_norm_of,
         rank_share,
+        read_eval_rows,
         setup_worker,
         zero3_construction,
     )
@@ -150,15 +151,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ROW_COLUMNS,
     )
     # The held-out rows are few and read every evaluation: fetch them once.
-    eval_rows = list(
-        iter_micro_batches(
-            ray.train.get_dataset_shard(f"eval_rank{rank}"),
-            micro,
-            0,
-            rank_block_indices(rank, world, micro, 0, plan.num_eval_batches * micro * world),
-            ROW_COLUMNS,
-        )
-    )
+    eval_rows = read_eval_rows(rank, world, micro, plan, ROW_COLUMNS)
     eval_share, num_counted = rank_share(plan.eval_conversations, rank, world)
     export = Export(kind, "model", tokenizer, config.checkpoint.export_hf)
     config_yaml = dump_config(config)

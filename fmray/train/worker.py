@@ -131,3 +131,32 @@ def rank_share(items: list[Any], rank: int, world: int) -> tuple[list[Any], int]
     share = items[rank::world]
     size = -(-len(items) // world)
     return share + items[: size - len(share)], len(share)
+
+
+def read_eval_rows(
+    rank: int, world: int, micro: int, plan: Any, columns: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """This rank's held-out micro-batches, read once: they are few and read every evaluation."""
+    import ray.train
+
+    from fmray.data.pipeline import iter_micro_batches, rank_block_indices
+
+    limit = plan.num_eval_batches * micro * world
+    return list(
+        iter_micro_batches(
+            ray.train.get_dataset_shard(f"eval_rank{rank}"),
+            micro,
+            0,
+            rank_block_indices(rank, world, micro, 0, limit),
+            columns,
+        )
+    )
+
+
+def all_reduce_sums(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Each value summed over all ranks, in one collective."""
+    import torch.distributed as dist
+
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.tolist()
