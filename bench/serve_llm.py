@@ -116,8 +116,8 @@ async def closed_loop(run: Runner, prompts: list[list[int]], concurrency: int, p
 
 
 def fmray_runner(model: torch.nn.Module, max_tokens: int, context_len: int):
-    from fmray.serve.engine import LLMEngine
-    from fmray.serve.sampling import SamplingParams
+    from fmray.generation.engine import LLMEngine
+    from fmray.generation.sampling import SamplingParams
 
     engine = LLMEngine(model, context_len, max_batch_size=16)
     engine.start()

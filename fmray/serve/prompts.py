@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fmray.data.chat_template import end_of_turn_token_ids, render_chat
 from fmray.serve.errors import APIError, invalid_request
-from fmray.serve.sampling import SamplingParams
+from fmray.generation.sampling import SamplingParams
 from fmray.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 

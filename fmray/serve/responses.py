@@ -1,6 +1,6 @@
 """Engine output -> OpenAI bodies: whole responses, SSE chunks, usage and both logprob formats.
 
-    python -m pytest -q tests/unit/test_serve_engine.py
+    python -m pytest -q tests/unit/test_generation_engine.py
 
 `/v1/completions` reports logprobs as parallel lists (tokens, token_logprobs, top_logprobs,
 text_offset); `/v1/chat/completions` as one object per token with its bytes. Both report the

@@ -1,6 +1,6 @@
 """The running batch's KV cache: one row per sequence, left-padded to a common length.
 
-    python -m pytest -q tests/unit/test_serve_engine.py
+    python -m pytest -q tests/unit/test_generation_engine.py
 
 Rows join (their prefilled KV is left-padded to the batch length, or the batch is left-padded
 to theirs) and leave (rows are dropped, then all-padding columns are trimmed) between decode

@@ -1,13 +1,13 @@
 """Per-row sampling: greedy, temperature, nucleus, seeds, logprobs (no model, no Ray).
 
-python -m pytest -q tests/unit/test_serve_sampling.py
+python -m pytest -q tests/unit/test_generation_sampling.py
 """
 
 from __future__ import annotations
 
 import torch
 
-from fmray.serve.sampling import make_generator, sample_tokens, token_logprobs
+from fmray.generation.sampling import make_generator, sample_tokens, token_logprobs
 
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float, seed: int, n: int) -> list[int]:

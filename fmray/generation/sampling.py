@@ -1,6 +1,6 @@
 """Per-request sampling inside one batched decode step: greedy, temperature, top-p, seeds.
 
-    python -m pytest -q tests/unit/test_serve_sampling.py
+    python -m pytest -q tests/unit/test_generation_sampling.py
 
 Every row draws its random number from its own `torch.Generator`, so a seeded request samples
 the same tokens whether it runs alone or beside fifteen others, and rows never share randomness.

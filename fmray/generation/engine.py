@@ -1,7 +1,12 @@
-"""Continuous-batching generation engine: one background thread, one shared forward per step.
+"""Continuous-batching generation engine: one shared forward per step, for serving and RL.
 
-    python -m pytest -q tests/unit/test_serve_engine.py
+    python -m pytest -q tests/unit/test_generation_engine.py
     python bench/serve_llm.py --preset tiny        # against generate() and transformers' CB
+    python bench/rollout.py                        # RL rollouts against HF generate
+
+Serving runs it on a background thread (`start`, then `submit`/`stream` from any event loop);
+RL rollouts drive the same steps in the caller's thread (`generate_batch`), so both share one
+decoder.
 
 Each step (1) admits waiting sequences: their prompts are prefilled together (right-padded, so
 causal attention never sees the padding) and their first token is sampled at once; (2) runs one
@@ -27,8 +32,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from fmray.serve.kv_batch import BatchKV
-from fmray.serve.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
+from fmray.generation.kv_batch import BatchKV
+from fmray.generation.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +60,16 @@ class TokenEvent:
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[list[TokenEvent]]
+    loop: asyncio.AbstractEventLoop | None
+    """The requester's event loop; None for a sequence run in the caller's thread, whose
+    events collect in `queue`'s place, `done_events`."""
+    queue: asyncio.Queue[list[TokenEvent]] | None
     generator: torch.Generator | None = None
     stream: bool = True
     """False: events are held and delivered together when the sequence ends (one wake-up of the
     request's event loop instead of one per token: fewer GIL hand-offs in a busy replica)."""
     held: list[TokenEvent] = field(default_factory=list)
+    done_events: list[TokenEvent] = field(default_factory=list)
     num_generated: int = 0
     last_token: int = -1
     finished: bool = False
@@ -142,6 +150,32 @@ class LLMEngine:
                 return
             self._aborted.add(seq)
             self._wake.notify()
+
+    def generate_batch(
+        self, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> list[list[TokenEvent]]:
+        """Run sequences to completion in the calling thread (the engine thread is not started):
+        continuous batching over the prompts, at most max_batch_size at a time. Returns each
+        sequence's events in order; the last one carries its finish reason ('stop' or
+        'length'). A failed forward raises instead of failing its sequences."""
+        if self._thread is not None:
+            raise RuntimeError("generate_batch needs an engine whose thread is not started")
+        seqs = []
+        for prompt_ids, seq_params in zip(prompts, params, strict=True):
+            if not prompt_ids or len(prompt_ids) >= self.context_len:
+                raise ValueError(f"prompt needs 1..{self.context_len - 1} tokens")
+            generator = None if seq_params.greedy else make_generator(seq_params.seed)
+            seqs.append(Sequence(list(prompt_ids), seq_params, None, None, generator, False))
+        self.waiting.extend(seqs)
+        self._num_live += len(seqs)
+        with torch.inference_mode():
+            while self.waiting or self.running:
+                self.step()
+        for seq in seqs:
+            last = seq.done_events[-1]
+            if last.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {last.error}")
+        return [seq.done_events for seq in seqs]
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent]:
         """Token events of a submitted sequence; closing the iterator early aborts it."""
@@ -371,6 +405,9 @@ class LLMEngine:
     def _deliver(events: dict[Sequence, list[TokenEvent]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list]]] = {}
         for seq, seq_events in events.items():
+            if seq.loop is None or seq.queue is None:  # run in the caller's thread
+                seq.done_events.extend(seq_events)
+                continue
             by_loop.setdefault(seq.loop, []).append((seq.queue, seq_events))
         for loop, items in by_loop.items():
             try:

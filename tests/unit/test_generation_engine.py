@@ -1,6 +1,6 @@
 """The continuous-batching engine against `generate` on the same tiny model (no Ray).
 
-python -m pytest -q tests/unit/test_serve_engine.py
+python -m pytest -q tests/unit/test_generation_engine.py
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fmray.serve.engine import EngineOverloaded, EngineStopped, LLMEngine, TokenEvent
-from fmray.serve.sampling import SamplingParams
+from fmray.generation.engine import EngineOverloaded, EngineStopped, LLMEngine, TokenEvent
+from fmray.generation.sampling import SamplingParams
 
 PROMPTS = [
     "Anton has a purple dog.",
@@ -266,3 +266,36 @@ def test_shutdown_drains_live_sequences_then_reports_unhealthy(model, prompt_ids
     assert len(events) == 40 and events[-1].finish_reason == "length"  # finished, not aborted
     with pytest.raises(RuntimeError, match="not running"):
         engine.check_health()
+
+
+def test_generate_batch_runs_in_the_callers_thread(model, prompt_ids) -> None:
+    """RL's path: more sequences than max_batch_size, no engine thread; greedy rows equal
+    generate, seeded rows equal the threaded engine's, and a failed forward raises."""
+    limits = [24, 5, 17, 30, 1]
+    params = [greedy(n) for n in limits] + [SamplingParams(12, 0.9, 0.95, seed=s) for s in (1, 2)]
+    prompts = prompt_ids + prompt_ids[:2]
+    engine = LLMEngine(model, context_len=512, max_batch_size=3)
+    results = engine.generate_batch(prompts, params)
+    assert engine.stats()["running"] == 0 and engine.stats()["live"] == 0
+    for events, ids, limit in zip(results[:5], prompt_ids, limits, strict=True):
+        assert tokens(events) == reference(model, ids, limit)
+        assert events[-1].finish_reason in ("stop", "length")
+    threaded = LLMEngine(model, context_len=512)
+    threaded.start()
+    try:
+        for ids, seq_params, events in zip(prompts[5:], params[5:], results[5:], strict=True):
+            assert tokens(asyncio.run(collect(threaded, ids, seq_params))) == tokens(events)
+    finally:
+        threaded.shutdown()
+    with pytest.raises(ValueError, match="prompt needs"):
+        engine.generate_batch([list(range(600))], [greedy(2)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    engine.model.forward = broken
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            engine.generate_batch(prompt_ids[:1], [greedy(3)])
+    finally:
+        del engine.model.forward
