@@ -18,9 +18,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fmray.data.chat_template import stop_token_ids
+from fmray.generation.engine import EngineOverloaded, EngineStopped, LLMEngine, Sequence
 from fmray.serve.config import EngineSection
 from fmray.serve.detokenize import TextAssembler
-from fmray.generation.engine import EngineOverloaded, EngineStopped, LLMEngine, Sequence
 from fmray.serve.errors import internal_error, overloaded
 from fmray.serve.loading import context_length, load_model, load_serving_tokenizer
 from fmray.serve.prompts import ChoiceJob, PromptBuilder

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from fmray.data.chat_template import end_of_turn_token_ids, render_chat
-from fmray.serve.errors import APIError, invalid_request
 from fmray.generation.sampling import SamplingParams
+from fmray.serve.errors import APIError, invalid_request
 from fmray.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
