@@ -191,7 +191,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        value = _load_yaml(raw, f"override {item!r}", in_file=False) if raw != "" else ""
+        set_dotted(nested, key.strip(), value)
     return nested
 
 
@@ -220,10 +221,45 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        bad = err.object[err.start]
+        raise ConfigError(
+            f"config error: {path}:{line}: not UTF-8 text (byte 0x{bad:02x})"
+        ) from None
+    data = _load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+def _load_yaml(text: str, origin: str, in_file: bool = True) -> Any:
+    """YAML text -> value; a syntax error becomes one line naming the file, line and column
+    (`origin:line:column`, as compilers print it), or the override and its column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+
+        def at(mark: yaml.Mark) -> str:
+            column = f"column {mark.column + 1}"
+            return f"line {mark.line + 1}, {column}" if in_file else column
+
+        mark = err.problem_mark or err.context_mark
+        where = origin
+        if mark is not None:
+            where += f":{mark.line + 1}:{mark.column + 1}" if in_file else f" {at(mark)}"
+        what = err.problem or err.context or "invalid YAML"
+        opened = err.context_mark
+        if err.problem and err.context and opened is not None and opened is not mark:
+            what += f" ({err.context} at {at(opened)})"
+        raise ConfigError(f"config error: {where}: invalid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        message = " ".join(str(err).split())
+        raise ConfigError(f"config error: {origin}: invalid YAML: {message}") from None
+    except RecursionError:
+        raise ConfigError(f"config error: {origin}: invalid YAML: nested too deeply") from None
 
 
 def read_layers(path: str | Path | None, overrides: list[str] | None = None) -> list[ConfigLayer]:
