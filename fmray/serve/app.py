@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -78,6 +81,53 @@ def build_application(config: ServeConfig) -> Application:
     ).bind(models, server.api_key or os.environ.get(API_KEY_ENV), server.max_body_bytes)
 
 
+class InProcessAPI:
+    """The app's HTTP API with its models in this process, no Ray: the same routes, checks and
+    model code as on Serve, for tests and the reliability bench. `close()` stops the engines."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        from fmray.serve.deployment import LLMDeployment
+        from fmray.serve.ingress import InProcessModel, build_api
+
+        self.models = {}
+        for name, entry in config.models.items():
+            self.models[name] = LLMDeployment.func_or_class(
+                name,
+                entry.model_dump(mode="json"),
+                (entry.engine or config.engine).model_dump(mode="json"),
+                (entry.deployment or config.deployment).model_dump(mode="json"),
+            )
+        clients = {name: InProcessModel(model) for name, model in self.models.items()}
+        api_key = config.serve.api_key or os.environ.get(API_KEY_ENV)
+        self.asgi = build_api(clients, api_key, config.serve.max_body_bytes)
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.server.shutdown(drain_timeout_s=5.0)
+
+    @contextmanager
+    def http_server(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """Serve the API over real HTTP (uvicorn, as Serve's proxy) from a thread; yields the
+        base URL (port 0: a free one)."""
+        import uvicorn
+
+        config = uvicorn.Config(self.asgi, host=host, port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
+            time.sleep(0.02)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        try:
+            yield f"http://{host}:{bound}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """Entry point for `serve run` / `serve deploy` / RayService (`import_path`).
 
@@ -96,17 +146,19 @@ def check_model_paths(config: ServeConfig) -> ServeConfig:
     """Fail before Ray starts when a model folder is missing (one line naming the key); return
     the config with absolute paths, which replicas resolve the same from any directory."""
     from fmray import storage
-    from fmray.checkpoint import find_hf_export
+    from fmray.serve.loading import PickleWeightsError, find_servable_dir
 
     models = {}
     for name, entry in config.models.items():
         try:
-            find_hf_export(entry.path)
+            find_servable_dir(entry.path)
         except FileNotFoundError as err:
             raise ConfigError(
                 f"config error: models.{name}.path={entry.path!r}: {err} "
                 "(train one with `fmray pretrain --config jobs/pretrain/tiny.yaml`)"
             ) from None
+        except PickleWeightsError as err:
+            raise ConfigError(f"config error: models.{name}.path: {err}") from None
         models[name] = entry.model_copy(update={"path": storage.resolve(entry.path)})
     return config.model_copy(update={"models": models})
 

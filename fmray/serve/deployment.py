@@ -16,6 +16,7 @@ from contextlib import aclosing
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from fmray.serve.config import AutoscalingSection, DeploymentSection, EngineSection, ModelEntry
 from fmray.serve.errors import APIError
@@ -71,8 +72,7 @@ class LLMDeployment:
     def ping(self) -> dict:
         """Liveness plus load, for the ingress's /health."""
         self.server.engine.check_health()
-        context = serve.get_replica_context()
-        return {"replica": context.replica_id.unique_id, **self.server.engine.stats()}
+        return {"replica": _replica_id(), **self.server.engine.stats()}
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises (engine thread dead or stalled)."""
@@ -92,6 +92,13 @@ async def _errors_as_values(chunks: AsyncIterator[str]) -> AsyncIterator[str | A
                 yield chunk
         except APIError as err:
             yield err
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # the class used in-process (tests, bench), not as a replica
+        return "in-process"
 
 
 def deployment_name(model: str) -> str:

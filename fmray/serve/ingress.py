@@ -4,27 +4,36 @@
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
-The ingress holds no weights: it checks the key, the body size and the schema, then forwards
-the parsed request to the model's deployment by `model` name. Every failure, wherever it
-happened, leaves here as OpenAI's error JSON with its status (and Retry-After on overload).
+`build_api(models, api_key, max_body_bytes)` is the whole API as a plain ASGI app: it checks
+the key, the content type, the body size and the schema, then forwards the parsed request to
+the model by `model` name. On Ray Serve the models are DeploymentHandles (`OpenAIIngress`);
+the tests and the reliability bench run the same app in-process over `InProcessModel`s. Every
+failure, wherever it happened, leaves as OpenAI's error JSON with its status (and Retry-After
+on overload).
 """
+
+from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-from typing import Any, TypeVar
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fmray.serve.errors import (
     APIError,
+    ErrorResponse,
     from_validation_error,
     internal_error,
     invalid_request,
@@ -35,33 +44,222 @@ from fmray.serve.schemas import SSE_DONE, ChatCompletionRequest, CompletionReque
 
 R = TypeVar("R", bound=BaseModel)
 PING_TIMEOUT_S = 5.0
+OPEN_PATHS = ("/health",)  # answered without the API key (load balancers, Serve probes)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+SHOWN_NAME_CHARS = 80  # an unknown model name is echoed back at most this long
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "OpenAI error JSON"},
+    "5XX": {"model": ErrorResponse, "description": "OpenAI error JSON"},
+}
 
-app = FastAPI(title="fmray", summary="OpenAI-compatible API over Ray Serve")
+
+class ChunkStream(Protocol):
+    """A model's streamed answer: SSE strings (or an APIError value); close() stops it early."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    async def close(self) -> None: ...
 
 
-@app.exception_handler(APIError)
+class ModelClient(Protocol):
+    """How the API reaches one model: a Serve handle, or an object in this process."""
+
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+    def stream(self, method: str, *args: Any) -> ChunkStream: ...
+
+
+def build_api(models: Mapping[str, ModelClient], api_key: str | None, max_body_bytes: int) -> Any:
+    """The OpenAI API over `models` (by request `model` name), as an ASGI app."""
+    api = FastAPI(
+        title="fmray",
+        summary="OpenAI-compatible API over Ray Serve",
+        openapi_url=None,  # served below, behind the API key
+        docs_url=None,
+        redoc_url=None,
+    )
+    cards: dict[str, dict] = {}
+
+    api.add_exception_handler(APIError, _api_error)
+    api.add_exception_handler(HTTPException, _http_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(Exception, _unexpected_error)
+
+    def handle(model: str) -> ModelClient:
+        client = models.get(model)
+        if client is None:
+            shown = model if len(model) <= SHOWN_NAME_CHARS else model[:SHOWN_NAME_CHARS] + "..."
+            message = f"The model {shown!r} does not exist (served: {', '.join(models)})."
+            raise APIError(404, message, param="model", code="model_not_found")
+        return client
+
+    async def card(name: str) -> dict:
+        if name not in cards:  # cached: the context length is known once a replica loaded
+            cards[name] = await _result(models[name].call("card"))
+        return cards[name]
+
+    async def ping(name: str) -> dict:
+        try:
+            state = await asyncio.wait_for(_result(models[name].call("ping")), PING_TIMEOUT_S)
+            return {"status": "ok", **state}
+        except APIError as err:
+            status = "overloaded" if err.status in (429, 503) and err.code == "overloaded" else None
+            return {"status": status or "unavailable", "error": err.message}
+        except TimeoutError:
+            return {"status": "unavailable", "error": f"no answer in {PING_TIMEOUT_S:.0f}s"}
+
+    @api.get("/health", responses=ERRORS)
+    async def health() -> JSONResponse:
+        names = list(models)
+        states = await asyncio.gather(*(ping(name) for name in names))
+        healthy = all(state["status"] != "unavailable" for state in states)
+        return JSONResponse(
+            {
+                "status": "ok" if healthy else "unavailable",
+                "models": dict(zip(names, states, strict=True)),
+            },
+            status_code=200 if healthy else 503,
+        )
+
+    @api.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def list_models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[await card(name) for name in models]).model_dump())
+
+    @api.get("/v1/models/{model:path}", responses=ERRORS)
+    async def get_model(model: str) -> JSONResponse:
+        handle(model)
+        return JSONResponse(await card(model))
+
+    @api.post("/v1/completions", openapi_extra=_json_body(CompletionRequest), responses=ERRORS)
+    async def completions(request: Request) -> Any:
+        body = _parse(CompletionRequest, await _read_json(request, max_body_bytes))
+        model = handle(body.model)
+        if body.stream:
+            return await _stream(model.stream("completions_stream", body))
+        return JSONResponse(await _result(model.call("completions", body)))
+
+    @api.post(
+        "/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest), responses=ERRORS
+    )
+    async def chat_completions(request: Request) -> Any:
+        body = _parse(ChatCompletionRequest, await _read_json(request, max_body_bytes))
+        model = handle(body.model)
+        if body.stream:
+            return await _stream(model.stream("chat_stream", body))
+        return JSONResponse(await _result(model.call("chat", body)))
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(_openapi_document(api))
+
+    return RequireAPIKey(api, api_key)
+
+
+# ---- the pieces build_api is made of ----
+
+
+class RequireAPIKey:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer <key>` (when a key
+    is set), unknown paths included, so nothing about the API answers without it."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        error = _check_key(headers.get(b"authorization", b""), self.api_key)
+        if error is None:
+            return await self.app(scope, receive, send)
+        response = JSONResponse(error.body(), status_code=error.status)
+        await response(scope, receive, send)
+
+
+def _check_key(header: bytes, api_key: str) -> APIError | None:
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        message = "You didn't provide an API key: send 'Authorization: Bearer <key>'."
+        return APIError(401, message, code="invalid_api_key")
+    if not hmac.compare_digest(token.strip(), api_key.encode()):
+        return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return None
+
+
 async def _api_error(_: Request, err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
-@app.exception_handler(HTTPException)
-async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-    return await _api_error(_, APIError(err.status_code, str(err.detail), code=code))
+    return await _api_error(request, APIError(err.status_code, str(err.detail), code=code))
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    return await _api_error(_, invalid_request(f"Invalid request: {err.errors()[0]['msg']}"))
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    message = f"Invalid request: {err.errors()[0]['msg']}"
+    return await _api_error(request, invalid_request(message))
 
 
-@app.exception_handler(Exception)
-async def _unexpected_error(_: Request, err: Exception) -> JSONResponse:
-    return await _api_error(_, internal_error(f"{type(err).__name__}: {err}"))
+async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    return await _api_error(request, internal_error(f"{type(err).__name__}: {err}"))
 
 
-# Helpers come before the class: Serve pickles the ingress class while this module is
-# still importing, so names defined below it would be missing in the replica.
+async def _read_json(request: Request, max_body_bytes: int) -> Any:
+    """The body as JSON: application/json (or no type), UTF-8, at most max_body_bytes."""
+    content_type = request.headers.get("content-type", "application/json")
+    media_type, _, params = content_type.partition(";")
+    charset = params.strip().lower().removeprefix("charset=").strip('"') if params else "utf-8"
+    if media_type.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+        message = f"Content-Type must be application/json (UTF-8), not {content_type[:80]!r}."
+        raise APIError(415, message, code="unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(int(declared), max_body_bytes)
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: chunked bodies too
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise _too_large(len(body), max_body_bytes)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        message = f"The request body is not UTF-8 (byte 0x{body[err.start]:02x} at {err.start})."
+        raise invalid_request(message, code="invalid_json") from None
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        message = f"We could not parse the JSON body of your request: {err}."
+        raise invalid_request(message, code="invalid_json") from None
+    except RecursionError:  # the decoder's nesting limit: nothing OpenAI defines nests so deep
+        message = "We could not parse the JSON body of your request: it nests too deeply."
+        raise invalid_request(message, code="invalid_json") from None
+    if SURROGATE_ESCAPE.search(text):  # only escapes make lone surrogates; pairs are joined
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            message = (
+                "The JSON body is not valid Unicode: it escapes a lone surrogate (\\ud800-\\udfff)."
+            )
+            raise invalid_request(message, code="invalid_json") from None
+    return value
+
+
+def as_api_error(err: BaseException) -> APIError:
+    """Any failure of a call to a model, as the error the client should see."""
+    err = unwrap(err)
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, BackPressureError):
+        return overloaded(str(err), err.status_code, err.retry_after_s)
+    if isinstance(err, DeploymentUnavailableError):
+        return overloaded(f"model deployment unavailable: {err}", 503)
+    return internal_error(f"{type(err).__name__}: {err}")
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    message = f"Request body of {size} bytes exceeds the limit of {limit} bytes."
+    return APIError(413, message, code="request_too_large")
 
 
 def _parse(schema: type[R], body: Any) -> R:
@@ -71,18 +269,8 @@ def _parse(schema: type[R], body: Any) -> R:
         return schema.model_validate(body)
     except ValidationError as err:
         raise from_validation_error(err) from None
-
-
-def as_api_error(err: BaseException) -> APIError:
-    """Any failure of a call to a model deployment, as the error the client should see."""
-    err = unwrap(err)
-    if isinstance(err, APIError):
-        return err
-    if isinstance(err, BackPressureError):
-        return overloaded(str(err), err.status_code, err.retry_after_s)
-    if isinstance(err, DeploymentUnavailableError):
-        return overloaded(f"model deployment unavailable: {err}", 503)
-    return internal_error(f"{type(err).__name__}: {err}")
+    except RecursionError:
+        raise invalid_request("The request body nests too deeply.", code="invalid_json") from None
 
 
 async def _result(response: Any) -> Any:
@@ -97,29 +285,31 @@ async def _result(response: Any) -> Any:
     return result
 
 
-async def _stream(chunks: DeploymentResponseGenerator) -> StreamingResponse:
+async def _stream(chunks: ChunkStream) -> StreamingResponse:
     """SSE response; the first chunk is awaited first so request errors keep their status."""
+    iterator = aiter(chunks)
     try:
-        first = await chunks.__anext__()
+        first = await anext(iterator)
     except StopAsyncIteration:
         first = SSE_DONE
     except Exception as err:  # noqa: BLE001
-        chunks.cancel()
+        await chunks.close()
         raise as_api_error(err) from None
     if isinstance(first, APIError):
+        await chunks.close()
         raise first
     return StreamingResponse(
-        _relay(first, chunks),
+        _relay(first, iterator, chunks),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _relay(first: str, chunks: DeploymentResponseGenerator) -> Any:
+async def _relay(first: str, iterator: AsyncIterator[Any], chunks: ChunkStream) -> Any:
     done = first == SSE_DONE
     try:
         yield first
-        async for chunk in chunks:
+        async for chunk in iterator:
             if isinstance(chunk, APIError):
                 raise chunk
             yield chunk
@@ -130,113 +320,96 @@ async def _relay(first: str, chunks: DeploymentResponseGenerator) -> Any:
         done = True
     finally:
         if not done:  # the client went away: stop generating for it
-            chunks.cancel()
+            await chunks.close()
+
+
+def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that reads and validates its body itself (so that size,
+    encoding and nesting are checked first); the schema's models go to components."""
+    name = schema.__name__
+    return {"requestBody": {"required": True, "content": _json_content(name)}, "x-fmray": name}
+
+
+def _json_content(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+def _openapi_document(api: FastAPI) -> dict[str, Any]:
+    if api.openapi_schema is None:
+        document = get_openapi(title=api.title, version="1", summary=api.summary, routes=api.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(definition.pop("$defs", {}))
+            schemas[model.__name__] = definition
+        for path in document["paths"].values():
+            for operation in path.values():
+                operation.pop("x-fmray", None)
+        api.openapi_schema = document
+    return api.openapi_schema
+
+
+# ---- on Ray Serve ----
+
+
+class ServeModel:
+    """A model deployment reached through its DeploymentHandle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await getattr(self.handle, method).remote(*args)
+
+    def stream(self, method: str, *args: Any) -> ChunkStream:
+        return _HandleStream(getattr(self.handle.options(stream=True), method).remote(*args))
+
+
+class _HandleStream:
+    def __init__(self, chunks: Any) -> None:
+        self.chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self.chunks.__aiter__()
+
+    async def close(self) -> None:
+        self.chunks.cancel()
+
+
+class InProcessModel:
+    """A model object in this process (an LLMDeployment instance without Serve): what the tests
+    and the reliability bench drive the API with, no Ray in between."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    async def call(self, method: str, *args: Any) -> Any:
+        result = getattr(self.target, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+    def stream(self, method: str, *args: Any) -> ChunkStream:
+        return _GeneratorStream(getattr(self.target, method)(*args))
+
+
+class _GeneratorStream:
+    def __init__(self, chunks: Any) -> None:
+        self.chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self.chunks
+
+    async def close(self) -> None:
+        await self.chunks.aclose()
 
 
 @serve.deployment
-@serve.ingress(app)
+@serve.ingress()
 class OpenAIIngress:
-    def __init__(
-        self, models: dict[str, DeploymentHandle], api_key: str | None, max_body_bytes: int
-    ) -> None:
-        self.models = models
-        self.api_key = api_key
-        self.max_body_bytes = max_body_bytes
-        self.cards: dict[str, dict] = {}
+    """The API on Serve: one FastAPI app per ingress replica, built when the replica starts."""
 
-    @app.get("/health")
-    async def health(self) -> JSONResponse:
-        names = list(self.models)
-        states = await asyncio.gather(*(self._ping(name) for name in names))
-        healthy = all(state["status"] != "unavailable" for state in states)
-        return JSONResponse(
-            {
-                "status": "ok" if healthy else "unavailable",
-                "models": dict(zip(names, states, strict=True)),
-            },
-            status_code=200 if healthy else 503,
-        )
+    def __init__(self, models: dict[str, Any], api_key: str | None, max_body_bytes: int) -> None:
+        clients = {name: ServeModel(handle) for name, handle in models.items()}
+        self.asgi = build_api(clients, api_key, max_body_bytes)
 
-    @app.get("/v1/models")
-    async def list_models(self, request: Request) -> JSONResponse:
-        self._authorize(request)
-        cards = [await self._card(name) for name in self.models]
-        return JSONResponse(ModelList(data=cards).model_dump())
-
-    @app.get("/v1/models/{model:path}")
-    async def get_model(self, model: str, request: Request) -> JSONResponse:
-        self._authorize(request)
-        self._handle(model)
-        return JSONResponse(await self._card(model))
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
-        self._authorize(request)
-        body = _parse(CompletionRequest, await self._read_json(request))
-        handle = self._handle(body.model)
-        if body.stream:
-            return await _stream(handle.options(stream=True).completions_stream.remote(body))
-        return JSONResponse(await _result(handle.completions.remote(body)))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Any:
-        self._authorize(request)
-        body = _parse(ChatCompletionRequest, await self._read_json(request))
-        handle = self._handle(body.model)
-        if body.stream:
-            return await _stream(handle.options(stream=True).chat_stream.remote(body))
-        return JSONResponse(await _result(handle.chat.remote(body)))
-
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(
-                401,
-                "You didn't provide an API key: send 'Authorization: Bearer <key>'.",
-                code="invalid_api_key",
-            )
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-    async def _read_json(self, request: Request) -> Any:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large(int(declared))
-        body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: chunked bodies too
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                raise self._too_large(len(body))
-        try:
-            return json.loads(body)
-        except ValueError:
-            message = "We could not parse the JSON body of your request."
-            raise invalid_request(message, code="invalid_json") from None
-
-    def _too_large(self, size: int) -> APIError:
-        message = f"Request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes."
-        return APIError(413, message, code="request_too_large")
-
-    def _handle(self, model: str) -> DeploymentHandle:
-        handle = self.models.get(model)
-        if handle is None:
-            message = f"The model `{model}` does not exist (served: {', '.join(self.models)})."
-            raise APIError(404, message, param="model", code="model_not_found")
-        return handle
-
-    async def _card(self, name: str) -> dict:
-        if name not in self.cards:  # cached: the context length is known once a replica loaded
-            self.cards[name] = await _result(self.models[name].card.remote())
-        return self.cards[name]
-
-    async def _ping(self, name: str) -> dict:
-        try:
-            ping = await asyncio.wait_for(_result(self.models[name].ping.remote()), PING_TIMEOUT_S)
-            return {"status": "ok", **ping}
-        except APIError as err:
-            status = "overloaded" if err.status in (429, 503) and err.code == "overloaded" else None
-            return {"status": status or "unavailable", "error": err.message}
-        except TimeoutError:
-            return {"status": "unavailable", "error": f"no answer in {PING_TIMEOUT_S:.0f}s"}
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.asgi

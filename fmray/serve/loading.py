@@ -16,13 +16,38 @@ from fmray.data.tokenizer import load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A local HF model folder for `path`: an HF folder, a checkpoint, or a run folder (its
-    newest export with weights), local or in remote storage (downloaded once per replica)."""
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class PickleWeightsError(ValueError):
+    """A model folder whose weights exist only as pickles, which loading could execute."""
+
+
+def find_servable_dir(path: str | Path) -> str:
+    """The HF model folder `path` names (a folder, a checkpoint, or a run's newest export), or
+    PickleWeightsError when its weights are pickles only: fmray loads safetensors, never code."""
     from fmray import storage
     from fmray.checkpoint import find_hf_export
 
-    return storage.local_copy(find_hf_export(str(path)))
+    location = find_hf_export(str(path))
+    names = storage.list_names(location)
+    if not any(name.endswith(".safetensors") for name in names):
+        pickles = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS))
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise PickleWeightsError(
+            f"{path} has {found}: fmray serves safetensors weights only (a pickle can run code "
+            "when loaded); convert it once where you trust it, with transformers' "
+            "from_pretrained(...).save_pretrained(out_dir)"
+        )
+    return location
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A local HF model folder for `path` (see find_servable_dir), downloaded once per replica
+    from remote storage."""
+    from fmray import storage
+
+    return storage.local_copy(find_servable_dir(path))
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -42,7 +67,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, Path]:
     model_dir = resolve_model_dir(path)
     device = pick_device(num_gpus)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=pick_dtype(dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=pick_dtype(dtype, device), use_safetensors=True
+    )
     return model.to(device).eval(), model_dir
 
 

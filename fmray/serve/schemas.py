@@ -13,12 +13,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256  # each stop string is searched for in the text after every token
 MAX_CHOICES = 16
+MAX_SEQUENCES = 64  # prompts x n: sequences one completion request may start
+TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 class Strict(BaseModel):
@@ -56,8 +68,10 @@ class SamplingFields(Strict):
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingFields:
         stops = self.stop_sequences()
-        if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings")
+        if len(stops) > MAX_STOP_SEQUENCES or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(
+                f"stop takes up to {MAX_STOP_SEQUENCES} strings of 1 to {MAX_STOP_CHARS} characters"
+            )
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
@@ -72,12 +86,23 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_form(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:  # the union's four errors say less than this line
+            raise ValueError(
+                "must be a string, a list of strings, a list of token ids, or a list of "
+                "token-id lists (each non-empty)"
+            ) from None
 
     @field_validator("echo", "suffix")
     @classmethod
@@ -92,6 +117,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of must equal n (fmray returns every sampled choice)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        num_prompts = len(self.prompts())
+        if num_prompts * self.n > MAX_SEQUENCES:
+            raise ValueError(
+                f"{num_prompts} prompts x n={self.n} is more than the {MAX_SEQUENCES} sequences "
+                "one request may start"
+            )
         return self
 
     def prompts(self) -> list[str | list[int]]:
