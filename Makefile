@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fmray/torch_extensions
 
-.PHONY: install quickstart test test-unit test-ray lint format bench bench-train bench-serve bench-tune clean
+.PHONY: install quickstart test test-faults test-unit test-ray lint format bench bench-train bench-serve bench-tune clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# The long fault and fuzz runs (pytest marker `faults`), e.g. >= 1,000 fuzzed API requests.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults --durations=15 tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
