@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from fmray.serve.errors import (
     APIError,
@@ -162,9 +162,13 @@ class RequireAPIKey:
     """ASGI middleware: every path but /health needs `Authorization: Bearer <key>` (when a key
     is set), unknown paths included, so nothing about the API answers without it."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: FastAPI, api_key: str | None) -> None:
         self.app = app
         self.api_key = api_key
+
+    def add_exception_handler(self, *args: Any) -> None:
+        """Serve registers its own handlers (overload -> 503) on the app it is given."""
+        self.app.add_exception_handler(*args)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.api_key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -202,7 +206,7 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 
 
 async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
-    return await _api_error(request, internal_error(f"{type(err).__name__}: {err}"))
+    return await _api_error(request, as_api_error(err))  # Serve's overload errors: 503
 
 
 async def _read_json(request: Request, max_body_bytes: int) -> Any:

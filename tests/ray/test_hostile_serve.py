@@ -127,16 +127,17 @@ def test_disconnects_mid_stream_empty_the_replica_batch(app: str) -> None:
         with httpx.stream(
             "POST", f"{BASE}/v1/completions", json=body, headers=AUTH, timeout=60
         ) as response:
+            assert response.status_code == 200, response.read()
             return next(line for line in response.iter_lines() if line.startswith("data: "))
 
-    with ThreadPoolExecutor(8) as pool:
-        firsts = list(pool.map(open_and_drop, range(8)))
+    with ThreadPoolExecutor(6) as pool:  # below max_ongoing_requests: none is refused
+        firsts = list(pool.map(open_and_drop, range(6)))
     assert all(json.loads(line[6:])["object"] == "text_completion" for line in firsts)
     deadline = time.monotonic() + 20
     while stats()["live"] > 0:
         assert time.monotonic() < deadline, stats()
         time.sleep(0.1)
-    assert stats()["generated_tokens"] - before < 8 * 80 / 2
+    assert stats()["generated_tokens"] - before < 6 * 80 / 2
     assert_healthy(replica)
 
 
