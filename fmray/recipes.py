@@ -72,6 +72,18 @@ COMMANDS: dict[str, Recipe | Tool] = {
         pbt=True,
         path_keys=("dpo.reference",),
     ),
+    "ppo": Recipe(
+        "fmray.rl.ppo",
+        "PPOConfig",
+        "PPO with a critic, GAE and a KL penalty (reward model and/or rule reward)",
+        path_keys=("reference", "reward.model", "ppo.critic"),
+    ),
+    "grpo": Recipe(
+        "fmray.rl.grpo",
+        "GRPOConfig",
+        "GRPO: group-normalised advantages, k3 KL, no critic",
+        path_keys=("reference", "reward.model"),
+    ),
     "diffusion": Recipe(
         "fmray.train.diffusion",
         "DiffusionConfig",

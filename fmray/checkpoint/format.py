@@ -53,15 +53,18 @@ def save_checkpoint(
     kind: str,
     config_yaml: str,
     meta: dict[str, Any],
+    state: dict[str, Any] | None = None,
 ) -> None:
-    """Write this rank's share of a checkpoint into its local `ckpt_dir` (collective call)."""
+    """Write this rank's share of a checkpoint into its local `ckpt_dir` (collective call).
+    `state`: the loop's own small state (numbers) beside the step, e.g. an adaptive KL
+    coefficient; `load_checkpoint` hands it back."""
     rank, world = rank_and_world()
     tag = f"step_{step}"
     for name, engine in engines.items():
         engine.save_checkpoint(
             str(ckpt_dir / MODULES_DIR / name),
             tag=tag,
-            client_state={"step": step},
+            client_state={"step": step, "state": state or {}},
             exclude_frozen_parameters=has_frozen_parameters(engine),
         )
     (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
@@ -79,10 +82,16 @@ def save_checkpoint(
         (ckpt_dir / META_FILE).write_text(json.dumps(record, indent=2))
 
 
-def load_checkpoint(ckpt_dir: Path, engines: dict[str, Any], kind: str | None = None) -> int:
+def load_checkpoint(
+    ckpt_dir: Path,
+    engines: dict[str, Any],
+    kind: str | None = None,
+    state_out: dict[str, Any] | None = None,
+) -> int:
     """Restore every named engine (model, optimizer, scheduler) and this rank's RNG; returns
-    the step. Each engine must be built as it was for the save (same model, same trainables);
-    `kind`, when given, must be the checkpoint's."""
+    the step (and fills `state_out` with the loop state saved beside it). Each engine must be
+    built as it was for the save (same model, same trainables); `kind`, when given, must be the
+    checkpoint's."""
     rank, world = rank_and_world()
     meta = read_meta(ckpt_dir)
     if kind is not None and kind_of(meta) != kind:
@@ -108,6 +117,8 @@ def load_checkpoint(ckpt_dir: Path, engines: dict[str, Any], kind: str | None = 
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load module {name!r} of {ckpt_dir}")
         step = int(client_state["step"])
+        if state_out is not None:
+            state_out.update(client_state.get("state", {}))
     restore_rng(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=False))
     return step
 

@@ -56,16 +56,33 @@ def sample_tokens(
     rows = torch.tensor(sampled, device=logits.device)
     scaled = logits[rows].float() / temperatures[rows, None]
     probs = torch.softmax(scaled, dim=-1)
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always stays).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs * (mass_before < top_ps[rows, None])
-    cdf = sorted_probs.cumsum(dim=-1)
-    draws = [torch.rand((), generator=generators[i]) for i in sampled]
-    uniform = torch.stack(draws).to(logits.device) * cdf[:, -1]
-    picks = torch.searchsorted(cdf, uniform[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
-    tokens[rows] = sorted_ids.gather(1, picks).squeeze(1)
+    draws = torch.tensor([torch.rand((), generator=generators[i]).item() for i in sampled])
+    draws = draws.to(logits.device)
+    # A row without a nucleus (top_p = 1, as RL rollouts sample) inverts its CDF in vocabulary
+    # order, which needs no sort; the others sort theirs. Each row's path depends on its own
+    # parameters only, so a seeded row samples the same whatever shares its batch.
+    full = top_ps[rows] >= 1.0
+    picks = torch.empty(len(sampled), dtype=torch.long, device=logits.device)
+    if bool(full.any()):
+        cdf = probs[full].cumsum(dim=-1)
+        picks[full] = invert_cdf(cdf, draws[full])
+    if not bool(full.all()):
+        nucleus = ~full
+        sorted_probs, sorted_ids = probs[nucleus].sort(dim=-1, descending=True)
+        # Keep the most likely tokens until their mass reaches top_p (the first always stays).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs * (mass_before < top_ps[rows][nucleus, None])
+        positions = invert_cdf(sorted_probs.cumsum(dim=-1), draws[nucleus])
+        picks[nucleus] = sorted_ids.gather(1, positions[:, None]).squeeze(1)
+    tokens[rows] = picks
     return tokens
+
+
+def invert_cdf(cdf: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative mass exceeds draw x total mass."""
+    uniform = draws * cdf[:, -1]
+    picks = torch.searchsorted(cdf, uniform[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return picks.squeeze(1)
 
 
 def token_logprobs(

@@ -20,7 +20,7 @@ from typing import Any
 
 from fmray import storage
 from fmray.config import TrainSection
-from fmray.train.plan import TrainPlan
+from fmray.train.plan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,18 @@ class Export:
     """checkpoint.export_hf: include the weights (false: config and tokenizer only)."""
 
 
-def resume(engines: dict[str, Any], train: TrainSection, plan: TrainPlan, kind: str) -> int:
+def resume(
+    engines: dict[str, Any],
+    train: TrainSection,
+    plan: RunPlan,
+    kind: str,
+    schedules: dict[str, TrainSection] | None = None,
+    state_out: dict[str, Any] | None = None,
+) -> int:
     """Restore the engines, optimizers, schedulers and RNG; returns the step to continue from
-    (0 for a fresh run). The LR and weight decay are then set from this run's config."""
+    (0 for a fresh run). The LR and weight decay are then set from this run's config: `train`,
+    or `schedules[name]` for an engine with its own (PPO's critic). `state_out` receives the
+    loop state saved with the checkpoint."""
     import ray.train
 
     from fmray.checkpoint.format import load_checkpoint
@@ -51,9 +60,9 @@ def resume(engines: dict[str, Any], train: TrainSection, plan: TrainPlan, kind: 
     with source as ckpt_dir:
         if ckpt_dir is None:
             return 0
-        step = load_checkpoint(Path(ckpt_dir), engines, kind)
-    for engine in engines.values():
-        apply_schedule(engine, train)
+        step = load_checkpoint(Path(ckpt_dir), engines, kind, state_out)
+    for name, engine in engines.items():
+        apply_schedule(engine, (schedules or {}).get(name, train))
     return step
 
 
@@ -64,6 +73,7 @@ def checkpoint_and_report(
     export: Export,
     config_yaml: str,
     meta: dict[str, Any],
+    state: dict[str, Any] | None = None,
 ) -> None:
     """Save every rank's share with the kind's export and hand it to Ray Train (collective)."""
     import ray.train
@@ -78,7 +88,7 @@ def checkpoint_and_report(
         engines[export.module], local_dir, export.tokenizer, meta, export.weights
     )
     # fmray.json is written last (rank 0): a folder without it is never taken for a checkpoint.
-    save_checkpoint(local_dir, step, engines, export.kind, config_yaml, meta)
+    save_checkpoint(local_dir, step, engines, export.kind, config_yaml, meta, state)
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)),
@@ -87,7 +97,7 @@ def checkpoint_and_report(
     shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def lineage(config_name: str, plan: TrainPlan, start_step: int) -> dict[str, Any]:
+def lineage(config_name: str, plan: RunPlan, start_step: int) -> dict[str, Any]:
     """What a checkpoint records about where it came from."""
     return {
         "run": config_name,

@@ -14,7 +14,7 @@ from typing import Any
 
 from fmray import storage
 from fmray.config import ConfigError, dump_config
-from fmray.train.plan import TrainPlan
+from fmray.train.plan import RunPlan, TrainPlan
 
 CONFIG_FILE = "config.yaml"
 PLACEMENT_GROUPS_FILE = "placement_groups.txt"
@@ -141,12 +141,13 @@ def local_dir_of(location: str) -> Path:
 
 def build_trainer(
     config: Any,
-    plan: TrainPlan,
+    plan: RunPlan,
     train_loop: Any,
     callbacks: list[Any] | None = None,
 ) -> Any:
     """The TorchTrainer: one worker per DeepSpeed rank, each reading its own train and eval
-    rows (strided by micro-batch, see fmray.data.pipeline)."""
+    rows (strided by micro-batch, see fmray.data.pipeline) when the plan has prepared rows (RL
+    runs read their prompts from the plan instead)."""
     from ray.data import ExecutionOptions
     from ray.train import (
         CheckpointConfig,
@@ -163,12 +164,14 @@ def build_trainer(
     train, scaling = config.train, config.scaling
     workers, micro = scaling.num_workers, train.micro_batch_size
     global_batch = micro * train.grad_accum_steps * workers
-    train_limit = (plan.num_train_rows // global_batch) * global_batch
-    eval_limit = plan.num_eval_batches * micro * workers
-    datasets = {
-        **rank_datasets(plan.train_data, workers, micro, train_limit, "train"),
-        **rank_datasets(plan.eval_data, workers, micro, eval_limit, "eval"),
-    }
+    datasets = {}
+    if isinstance(plan, TrainPlan):
+        train_limit = (plan.num_train_rows // global_batch) * global_batch
+        eval_limit = plan.num_eval_batches * micro * workers
+        datasets = {
+            **rank_datasets(plan.train_data, workers, micro, train_limit, "train"),
+            **rank_datasets(plan.eval_data, workers, micro, eval_limit, "eval"),
+        }
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "plan": plan},

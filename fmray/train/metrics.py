@@ -83,7 +83,16 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if key != "step":
                     self.writer.add_scalar(f"train/{key}", value, step)
-        if self.progress and "loss" in metrics:
+        if self.progress and "reward_mean" in metrics:  # RL: what a rollout earned
+            eta = (max_steps - step) * metrics["step_time_s"]
+            sys.stdout.write(
+                f"[fmray] step {step}/{max_steps} | reward {metrics['reward_mean']:.3f} | "
+                f"kl {metrics['kl']:.3f} | reply {metrics['response_length']:.1f} tok | "
+                f"generation {metrics['generation_tokens_per_s']:,.0f} tok/s | "
+                f"{metrics['step_time_s']:.2f} s/step | ETA {eta:.0f} s\n"
+            )
+            sys.stdout.flush()
+        elif self.progress and "loss" in metrics:
             eta = (max_steps - step) * metrics["step_time_s"]
             val = f" | val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
             # Written directly: Ray Train's patched print() echoes each line twice.

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 
-class TrainPlan(BaseModel):
-    """Where a run's inputs are and the data geometry; recipes extend it with their own fields."""
+class RunPlan(BaseModel):
+    """Where a run's inputs are: what every recipe's workers need before their loop."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -19,16 +19,6 @@ class TrainPlan(BaseModel):
     """The run folder: <run.output_dir>/<run.name>, local or remote."""
     tokenizer_dir: str
     """The tokenizer every worker loads (and every export carries)."""
-    train_data: str
-    """Folder of parquet shards with a global `index` column: the training rows."""
-    eval_data: str
-    """Folder of parquet shards of held-out rows."""
-    seq_len: int
-    """Tokens per row."""
-    num_train_rows: int
-    """Rows in train_data."""
-    num_eval_batches: int
-    """Held-out micro-batches each worker evaluates."""
     model_path: str | None = None
     """Base model folder; None: a fresh model from the config's preset."""
     resume_from: str | None = None
@@ -40,3 +30,19 @@ class TrainPlan(BaseModel):
     """Tune trial this run belongs to (recorded in its checkpoints)."""
     experiment: str | None = None
     """Tune experiment this run belongs to."""
+
+
+class TrainPlan(RunPlan):
+    """A run that streams prepared rows through Ray Data: the data geometry; recipes extend it
+    with their own fields."""
+
+    train_data: str
+    """Folder of parquet shards with a global `index` column: the training rows."""
+    eval_data: str
+    """Folder of parquet shards of held-out rows."""
+    seq_len: int
+    """Tokens per row."""
+    num_train_rows: int
+    """Rows in train_data."""
+    num_eval_batches: int
+    """Held-out micro-batches each worker evaluates."""

@@ -85,3 +85,24 @@ def heldout_accuracy(model_dir: Path) -> float:
         model, tokenizer, heldout, template, 16, 64, torch.device("cpu")
     )
     return correct / total
+
+
+# 134 held-out pairs: 8 eval micro-batches x 8 pairs x 2 workers cover the first 128.
+ALIGN_EVAL = {"eval_batches": 8}
+
+
+def align_tree(model_dir: Path, out: Path, name: str, **sections: dict[str, Any]) -> dict:
+    """A reward-model or DPO config tree from `model_dir` (2 workers, ZeRO-3); `sections`
+    update its sections."""
+    tree: dict[str, Any] = {
+        "run": {"name": name, "output_dir": str(out)},
+        "model": {"path": str(model_dir)},
+        "data": {"source": "builtin", "seq_len": 64},
+        "train": {"micro_batch_size": 8, "warmup_steps": 5, "log_every": 5, **ALIGN_EVAL},
+        "zero": {"stage": 3},
+        "scaling": {"num_workers": 2},
+        "logging": {"tensorboard": False},
+    }
+    for section, values in sections.items():
+        tree[section] = {**tree.get(section, {}), **values}
+    return tree

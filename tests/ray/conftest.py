@@ -61,3 +61,19 @@ def sft_run(ray_cluster, pretrained_base, tmp_path_factory: pytest.TempPathFacto
 
     out = tmp_path_factory.mktemp("sft_run")
     return sft.run(sft_config(pretrained_base, out, train={"eval_every": 0}))
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run, tmp_path_factory: pytest.TempPathFactory):
+    """One `fmray reward` fit (2 workers, ZeRO-3, 80 steps) from the SFT model: the reward-model
+    test checks it; PPO's test scores with it and starts its critic from it."""
+    from pathlib import Path
+
+    from fmray.config import validate_config
+    from fmray.train import reward
+    from tests.ray.chat_models import align_tree
+
+    out = tmp_path_factory.mktemp("reward_run")
+    sft_model = Path(sft_run.checkpoint.path) / "hf"
+    tree = align_tree(sft_model, out, "rm", train={"max_steps": 80, "lr": 3e-4})
+    return reward.run(validate_config(reward.RewardConfig, tree))

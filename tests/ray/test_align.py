@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fmray.config import validate_config
-from fmray.train import dpo, reward
+from fmray.train import dpo
+from tests.ray.chat_models import align_tree
 from tests.ray.test_pretrain import kill_a_worker_after
 
 pytestmark = pytest.mark.ray
@@ -26,25 +27,6 @@ MIN_RM_ACCURACY = 0.62
 MIN_RM_MALFORMED_ACCURACY = 0.8
 MIN_DPO_ACCURACY = 0.68
 MIN_DPO_MARGIN = 0.08
-# 134 held-out pairs: 8 eval micro-batches x 8 pairs x 2 workers cover the first 128.
-EVAL = {"eval_batches": 8}
-
-
-def align_tree(model_dir: Path, out: Path, name: str, **sections: dict[str, Any]) -> dict:
-    tree: dict[str, Any] = {
-        "run": {"name": name, "output_dir": str(out)},
-        "model": {"path": str(model_dir)},
-        "data": {"source": "builtin", "seq_len": 64},
-        "train": {"micro_batch_size": 8, "warmup_steps": 5, "log_every": 5, **EVAL},
-        "zero": {"stage": 3},
-        "scaling": {"num_workers": 2},
-        "logging": {"tensorboard": False},
-    }
-    for section, values in sections.items():
-        tree[section] = {**tree.get(section, {}), **values}
-    return tree
-
-
 @pytest.fixture(scope="module")
 def sft_model(sft_run) -> Path:
     return Path(sft_run.checkpoint.path) / "hf"
@@ -76,20 +58,19 @@ def transformers_accuracy(model_dir: Path, pairs: list[Any]) -> dict[str, float]
 
 
 def test_reward_model_learns_heldout_preferences_and_scores_in_transformers(
-    sft_model: Path, tmp_path: Path
+    reward_run: Any, tmp_path: Path
 ) -> None:
+    """The session's reward-model fit (`reward_run`: ZeRO-3, 80 steps, also PPO's reward)."""
     from fmray.checkpoint import export_checkpoint
     from fmray.data.preferences import build_pairs
 
-    tree = align_tree(sft_model, tmp_path, "rm", train={"max_steps": 80, "lr": 3e-4})
-    result = reward.run(validate_config(reward.RewardConfig, tree))
-    metrics = result.metrics
+    metrics = reward_run.metrics
     print(f"reward model held-out: {metrics}")
     assert metrics["val_accuracy"] >= MIN_RM_ACCURACY and metrics["val_margin"] > 0
 
     # The HF export and `fmray export` (consolidated from the ZeRO-3 shards) score the run's
     # 128 evaluated pairs as the run did; malformed replies are told apart almost always.
-    checkpoint = Path(result.checkpoint.path)
+    checkpoint = Path(reward_run.checkpoint.path)
     exported = export_checkpoint(str(checkpoint), tmp_path / "exported")
     heldout = build_pairs()[1][:128]
     for model_dir in (checkpoint / "hf", exported):
