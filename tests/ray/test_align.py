@@ -27,6 +27,8 @@ MIN_RM_ACCURACY = 0.62
 MIN_RM_MALFORMED_ACCURACY = 0.8
 MIN_DPO_ACCURACY = 0.68
 MIN_DPO_MARGIN = 0.08
+
+
 @pytest.fixture(scope="module")
 def sft_model(sft_run) -> Path:
     return Path(sft_run.checkpoint.path) / "hf"
