@@ -220,3 +220,60 @@ def test_cli_refuses_bad_inputs_before_ray(tmp_path: Path, tiny_model_dir: Path)
     config = GRPOConfig(model={"path": str(tiny_model_dir)}, reward={"model": str(tmp_path)})
     with pytest.raises(ConfigError, match="reward.model="):
         check_inputs(config, {})
+
+
+def test_lora_policy_trains_adapters_and_its_reference_is_the_base(
+    single_process_group, tiny_model_dir: Path, tmp_path: Path, prompt_ids, tokenizer
+) -> None:
+    """With lora.*, the recipes' policy is the base with adapters and no second model is built:
+    adapters off, it scores as the plain base model, before and after an update."""
+    from fmray.rl.common import RLPlan, build_policy
+
+    config = GRPOConfig(
+        model={"path": str(tiny_model_dir)},
+        lora={"r": 4},
+        train={"micro_batch_size": 3, "lr": 1e-2},
+        rollout={"prompts_per_step": 3, "samples_per_prompt": 1},
+        scaling={"num_workers": 1},
+    )
+    plan = RLPlan(
+        run_dir=str(tmp_path),
+        tokenizer_dir=str(tiny_model_dir),
+        model_path=str(tiny_model_dir),
+        prompts=str(tmp_path / "prompts.json"),
+        num_train_prompts=3,
+        num_eval_prompts=3,
+        chat_template=tokenizer.chat_template,
+        stop_token_ids=[tokenizer.eos_token_id],
+    )
+    schedule = optimizer_schedule(config.train, 1)
+    ds_config = build_ds_config(schedule, config.zero, 1, False)
+    engine, reference = build_policy(config, plan, ds_config, schedule, len(tokenizer))
+    assert reference is None
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    samples = pack_samples(prompt_ids, [[5, 6, 7], [8, 9], [10]], [], 0, torch.device("cpu"))
+    with torch.no_grad():
+        expected = action_logps(action_logits(base, samples), samples)
+    loss = -action_logps(action_logits(engine, samples), samples).sum()
+    engine.backward(loss)
+    engine.step()
+    with torch.no_grad():
+        with engine.module.disable_adapter():
+            off = action_logps(action_logits(engine.module, samples), samples)
+        on = action_logps(action_logits(engine.module, samples), samples)
+    torch.testing.assert_close(off, expected, atol=1e-5, rtol=1e-5)
+    assert (on - expected).abs().max() > 1e-3  # the adapters learned
+    trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_presets_validate() -> None:
+    from fmray.config import load_config
+    from fmray.rl.ppo import PPOConfig
+
+    root = Path(__file__).resolve().parents[2] / "jobs"
+    for config_class, folder in ((GRPOConfig, "grpo"), (PPOConfig, "ppo")):
+        paths = sorted((root / folder).glob("*.yaml"))
+        assert len(paths) == 2
+        for path in paths:
+            load_config(config_class, path, [])
