@@ -11,10 +11,10 @@ decoder.
 Each step (1) admits waiting sequences: their prompts are prefilled together (right-padded, so
 causal attention never sees the padding) and their first token is sampled at once; (2) runs one
 decode forward for every running sequence over the left-padded batch KV cache (`BatchKV`);
-(3) drops the sequences that finished. So a request joins and leaves at a token boundary and a
-short request is never held behind a long one. Events go back to each request's asyncio queue
-with one `call_soon_threadsafe` per event loop per step (a non-streaming sequence gets all of
-its events at once when it ends).
+(3) drops the sequences that finished (their KV rows are reclaimed in bulk, see kv_batch). So a
+request joins and leaves at a token boundary and a short request is never held behind a long
+one. Events go back to each request's asyncio queue with one `call_soon_threadsafe` per event
+loop per step (a non-streaming sequence gets all of its events at once when it ends).
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from fmray.generation.kv_batch import BatchKV
-from fmray.generation.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
+from fmray.generation.sampling import (
+    SamplingParams,
+    UniformStream,
+    make_generator,
+    sample_tokens,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ class Sequence:
     """The requester's event loop; None for a sequence run in the caller's thread, whose
     events collect in `queue`'s place, `done_events`."""
     queue: asyncio.Queue[list[TokenEvent]] | None
-    generator: torch.Generator | None = None
+    generator: UniformStream | None = None
     stream: bool = True
     """False: events are held and delivered together when the sequence ends (one wake-up of the
     request's event loop instead of one per token: fewer GIL hand-offs in a busy replica)."""
@@ -73,6 +79,8 @@ class Sequence:
     num_generated: int = 0
     last_token: int = -1
     finished: bool = False
+    limit: int = 0
+    """Tokens it may generate: max_tokens, or fewer where the context window ends first."""
 
 
 class LLMEngine:
@@ -98,6 +106,8 @@ class LLMEngine:
         sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
         self.batch = BatchKV(self.device, mask_4d=sdpa)
         self.running: list[Sequence] = []
+        self._sampling_rows: list[Sequence] = []
+        self._sampling_inputs: tuple[torch.Tensor, torch.Tensor, list] | None = None
         self.waiting: deque[Sequence] = deque()
         self._incoming: list[Sequence] = []
         self._aborted: set[Sequence] = set()
@@ -122,9 +132,8 @@ class LLMEngine:
         """Queue a sequence; its events arrive on `seq.queue` in the calling event loop."""
         if not prompt_ids or len(prompt_ids) >= self.context_len:
             raise ValueError(f"prompt needs 1..{self.context_len - 1} tokens")
-        generator = None if params.greedy else make_generator(params.seed)
         loop = asyncio.get_running_loop()
-        seq = Sequence(list(prompt_ids), params, loop, asyncio.Queue(), generator, stream)
+        seq = self._sequence(prompt_ids, params, loop, asyncio.Queue(), stream)
         with self._wake:
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down")
@@ -164,8 +173,7 @@ class LLMEngine:
         for prompt_ids, seq_params in zip(prompts, params, strict=True):
             if not prompt_ids or len(prompt_ids) >= self.context_len:
                 raise ValueError(f"prompt needs 1..{self.context_len - 1} tokens")
-            generator = None if seq_params.greedy else make_generator(seq_params.seed)
-            seqs.append(Sequence(list(prompt_ids), seq_params, None, None, generator, False))
+            seqs.append(self._sequence(prompt_ids, seq_params, None, None, False))
         self.waiting.extend(seqs)
         self._num_live += len(seqs)
         with torch.inference_mode():
@@ -176,6 +184,19 @@ class LLMEngine:
             if last.finish_reason == "error":
                 raise RuntimeError(f"generation failed: {last.error}")
         return [seq.done_events for seq in seqs]
+
+    def _sequence(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None,
+        queue: asyncio.Queue[list[TokenEvent]] | None,
+        stream: bool,
+    ) -> Sequence:
+        uniforms = None if params.greedy else UniformStream(make_generator(params.seed))
+        seq = Sequence(list(prompt_ids), params, loop, queue, uniforms, stream)
+        seq.limit = min(params.max_tokens, self.context_len - len(prompt_ids))
+        return seq
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent]:
         """Token events of a submitted sequence; closing the iterator early aborts it."""
@@ -256,6 +277,8 @@ class LLMEngine:
             self._guarded(self._decode, list(self.running), events)
         self._deliver(events)
         self.num_steps += 1
+        if not self.running:  # hold no finished sequences through the sampling cache
+            self._sampling_rows, self._sampling_inputs = [], None
 
     def _take_incoming(self, events: dict[Sequence, list[TokenEvent]]) -> None:
         with self._wake:
@@ -265,10 +288,7 @@ class LLMEngine:
         if not aborted:
             return
         self.waiting = deque(s for s in self.waiting if s not in aborted)
-        keep = [i for i, s in enumerate(self.running) if s not in aborted]
-        if len(keep) < len(self.running):
-            self.running = [self.running[i] for i in keep]
-            self.batch.keep(keep)
+        self._drop_running(aborted)
         for seq in aborted:
             self._finish(seq, TokenEvent(-1, finish_reason="abort"), events)
 
@@ -284,10 +304,13 @@ class LLMEngine:
         return joined
 
     def _prefill(self, seqs: list[Sequence], events: dict[Sequence, list[TokenEvent]]) -> None:
-        lengths = [len(s.prompt_ids) for s in seqs]
-        ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : lengths[row]] = torch.tensor(seq.prompt_ids)
+        # Equal prompts (GRPO's G samples of a prompt, a request's n choices) are prefilled once
+        # and share the KV rows and logits; each sequence still samples from its own stream.
+        prompts: dict[tuple[int, ...], int] = {}
+        sources = [prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in seqs]
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts])
         last = torch.tensor([[n - 1] for n in lengths], device=self.device)
         cache = DynamicCache()
         # logits only where each prompt ends: the lm_head over a long prompt is the costly part
@@ -295,54 +318,77 @@ class LLMEngine:
             input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=last
         )
         logits = out.logits[:, -1]
-        rows_kv = [
-            [
-                (layer.keys[row : row + 1, :, :n], layer.values[row : row + 1, :, :n])
-                for layer in cache.layers
-            ]
-            for row, n in enumerate(lengths)
-        ]
-        alive = self._sample(seqs, logits, events)
-        self.batch.append([rows_kv[i] for i in alive])
+        if len(prompts) < len(seqs):
+            logits = logits.index_select(0, torch.tensor(sources, device=self.device))
+        tokens, alive = self._sample(seqs, logits, events)
+        if not alive:
+            return
+        if len(alive) < len(seqs):
+            tokens = tokens.index_select(0, torch.tensor(alive, device=self.device))
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        alive_sources = [sources[i] for i in alive]
+        self.batch.append(layers, alive_sources, [lengths[i] for i in alive_sources], tokens)
         self.running.extend(seqs[i] for i in alive)
 
     def _decode(self, seqs: list[Sequence], events: dict[Sequence, list[TokenEvent]]) -> None:
-        cache, mask, positions = self.batch.decode_inputs()
-        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        ids, cache, mask, positions = self.batch.decode_inputs()
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
-        self.batch.advance()
-        alive = self._sample(seqs, out.logits[:, -1], events)
+        logits = out.logits[:, -1]
+        if self.batch.live_rows is not None:  # finished rows still in the batch: skip them
+            logits = logits.index_select(0, self.batch.live_rows)
+        tokens, alive = self._sample(seqs, logits, events)
+        self.batch.advance(tokens)
         if len(alive) < len(seqs):
-            self.running = [seqs[i] for i in alive]
-            self.batch.keep(alive)
+            kept = set(alive)
+            self._drop_running({seq for row, seq in enumerate(seqs) if row not in kept})
 
     def _sample(
         self, seqs: list[Sequence], logits: torch.Tensor, events: dict[Sequence, list[TokenEvent]]
-    ) -> list[int]:
-        """Pick each row's next token, emit it, and return the rows that keep generating."""
-        temperatures = torch.tensor([s.params.temperature for s in seqs], device=self.device)
-        top_ps = torch.tensor([s.params.top_p for s in seqs], device=self.device)
-        tokens = sample_tokens(logits, temperatures, top_ps, [s.generator for s in seqs])
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Pick each row's next token, emit it; return the tokens and the rows that go on."""
+        tokens = sample_tokens(logits, *self._sampling_params(seqs))
         token_list = tokens.tolist()
         logprob_rows = self._logprobs(seqs, logits, tokens)
+        self.num_generated_tokens += len(seqs)
         alive = []
-        for row, seq in enumerate(seqs):
-            seq.last_token = token_list[row]
+        chosen = top = None
+        for row, (seq, token) in enumerate(zip(seqs, token_list, strict=True)):
+            seq.last_token = token
             seq.num_generated += 1
-            self.num_generated_tokens += 1
-            chosen, top = logprob_rows.get(row, (None, None))
-            event = TokenEvent(token_list[row], chosen, top, self._finish_reason(seq))
-            if event.finish_reason is None:
-                if seq.stream:
-                    events.setdefault(seq, []).append(event)
-                else:
-                    seq.held.append(event)
+            if token in seq.params.stop_token_ids:
+                reason: str | None = "stop"
+            elif seq.num_generated >= seq.limit:
+                reason = "length"
+            else:
+                reason = None
+            if logprob_rows:
+                chosen, top = logprob_rows.get(row, (None, None))
+            event = TokenEvent(token, chosen, top, reason)
+            if reason is not None:
+                self._finish(seq, event, events)
+            elif seq.stream:
+                events.setdefault(seq, []).append(event)
                 alive.append(row)
             else:
-                self._finish(seq, event, events)
-        return alive
+                seq.held.append(event)
+                alive.append(row)
+        return tokens, alive
+
+    def _sampling_params(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Temperatures, top-ps and random streams per row; a decode step reuses the previous
+        step's while the running rows stay the same."""
+        if self._sampling_inputs is None or self._sampling_rows != seqs:
+            temperatures = [s.params.temperature for s in seqs]
+            top_ps = [s.params.top_p for s in seqs]
+            self._sampling_rows = list(seqs)
+            self._sampling_inputs = (
+                torch.tensor(temperatures, dtype=torch.float32, device=self.device),
+                torch.tensor(top_ps, dtype=torch.float32, device=self.device),
+                [s.generator for s in seqs],
+            )
+        return self._sampling_inputs
 
     def _logprobs(
         self, seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor
@@ -356,15 +402,6 @@ class LLMEngine:
         return {
             row: (chosen[j], tops[j][: seqs[row].params.num_logprobs]) for j, row in enumerate(rows)
         }
-
-    def _finish_reason(self, seq: Sequence) -> str | None:
-        if seq.last_token in seq.params.stop_token_ids:
-            return "stop"
-        if seq.num_generated >= seq.params.max_tokens:
-            return "length"
-        if len(seq.prompt_ids) + seq.num_generated >= self.context_len:
-            return "length"
-        return None
 
     def _finish(
         self, seq: Sequence, event: TokenEvent, events: dict[Sequence, list[TokenEvent]]
@@ -390,10 +427,12 @@ class LLMEngine:
             for seq in seqs:
                 self._finish(seq, TokenEvent(-1, finish_reason="error", error=repr(err)), events)
 
-    def _drop_running(self, failed: set[Sequence]) -> None:
-        keep = [i for i, s in enumerate(self.running) if s not in failed]
-        self.running = [self.running[i] for i in keep]
-        self.batch.keep(keep)
+    def _drop_running(self, gone: set[Sequence]) -> None:
+        """Running sequences that finished, failed or were aborted leave the batch."""
+        rows = [i for i, s in enumerate(self.running) if s in gone]
+        if rows:
+            self.running = [s for s in self.running if s not in gone]
+            self.batch.drop(rows)
 
     def _finish_all(self, seqs: list[Sequence], reason: str) -> None:
         events: dict[Sequence, list[TokenEvent]] = {}

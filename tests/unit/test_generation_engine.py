@@ -299,3 +299,30 @@ def test_generate_batch_runs_in_the_callers_thread(model, prompt_ids) -> None:
             engine.generate_batch(prompt_ids[:1], [greedy(3)])
     finally:
         del engine.model.forward
+
+
+def test_rows_that_finish_ride_along_until_compacted(model, prompt_ids) -> None:
+    """Rows finish one by one below the compaction threshold, while new sequences join (some
+    with a prompt already in the batch, prefilled once): every greedy row still equals its solo
+    generate, and a seeded row samples what it samples alone."""
+    limits = [3, 4, 5, 6, 7, 30, 30, 30, 30, 30, 30, 30, 8, 12, 20, 2]
+    prompts = [prompt_ids[i % 5] for i in range(len(limits))]
+    params = [greedy(n, eos=-1) for n in limits]
+    params[9] = SamplingParams(14, 0.8, 1.0, seed=5)  # a prompt three other rows share
+    engine = LLMEngine(model, context_len=512, max_batch_size=12)
+    seen_dead = []
+    step = engine.step
+
+    def spying_step() -> None:
+        step()
+        seen_dead.append(engine.batch.num_dead)
+
+    engine.step = spying_step  # type: ignore[method-assign]
+    results = engine.generate_batch(prompts, params)
+    assert max(seen_dead) > 0  # finished rows did stay in the batch for a while
+    for events, ids, limit, seq_params in zip(results, prompts, limits, params, strict=True):
+        if seq_params.greedy:
+            assert tokens(events) == reference(model, ids, limit)
+        assert events[-1].finish_reason == "length"
+    alone = LLMEngine(model, context_len=512).generate_batch([prompts[9]], [params[9]])
+    assert tokens(alone[0]) == tokens(results[9])

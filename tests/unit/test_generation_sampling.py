@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fmray.generation.sampling import make_generator, sample_tokens, token_logprobs
+from fmray.generation.sampling import UniformStream, make_generator, sample_tokens, token_logprobs
 
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float, seed: int, n: int) -> list[int]:
@@ -70,3 +70,19 @@ def test_logprobs_match_log_softmax() -> None:
         values, ids = reference[row].topk(2)
         assert [t for t, _ in tops[row]] == ids.tolist()
         assert [v for _, v in tops[row]] == values.tolist()
+
+
+def test_uniform_stream_draws_what_the_generator_draws_one_by_one() -> None:
+    """Drawing a block at a time changes no number: the engine's rows sample the same tokens as
+    one torch.rand per token would."""
+    one_by_one = make_generator(11)
+    expected = [torch.rand((), generator=one_by_one).item() for _ in range(150)]
+    stream = UniformStream(make_generator(11), block=64)
+    assert [stream.next() for _ in range(150)] == expected
+    logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(5))
+    temps, top_ps = torch.tensor([0.8, 1.2]), torch.tensor([1.0, 0.7])
+    plain = [make_generator(1), make_generator(2)]
+    streams = [UniformStream(make_generator(1)), UniformStream(make_generator(2))]
+    for _ in range(30):
+        a = sample_tokens(logits, temps, top_ps, plain)  # type: ignore[arg-type]
+        assert torch.equal(a, sample_tokens(logits, temps, top_ps, streams))
