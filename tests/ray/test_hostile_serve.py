@@ -53,6 +53,7 @@ def app(ray_cluster, tiny_model_dir: Path) -> Iterator[str]:
     serve.run(build_application(config), name=APP, route_prefix="/")
     yield BASE
     serve.delete(APP)
+    serve.shutdown()  # the next Serve test starts its own instance on its own port
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
