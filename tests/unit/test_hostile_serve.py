@@ -28,7 +28,7 @@ API_KEY = "sk-fmray-test-7f3a9c1e"
 WRONG_KEY = "sk-fmray-wrong-55b2d0e4"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CONTEXT = 64  # engine.max_model_len: small, so context errors are cheap to provoke
-OK = {"model": "tiny", "prompt": "Anton has a", "max_tokens": 2}
+OK = {"model": "tiny", "prompt": "Anton has a", "max_tokens": 2, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
