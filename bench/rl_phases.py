@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rl_phases.py --policy runs/sft-tiny --reward-model runs/reward-tiny
     .venv/bin/python bench/rl_phases.py --policy runs/sft-tiny --reward-model runs/reward-tiny \
-        --steps 20 --zero-stage 3 --out /tmp/rl-phases
+        --steps 20 --zero-stage 3 --out runs/rl-phases
 
 Runs `fmray grpo` (exact-match rule) and `fmray ppo` (reward model + rule) from the tiny presets
 for a few steps each on the embedded local Ray, then reads each run's metrics.jsonl: the median
