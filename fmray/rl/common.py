@@ -149,27 +149,19 @@ def optimizer_schedule(train: TrainSection, updates_per_step: int) -> TrainSecti
 
 def check_inputs(config: RLConfig, extra_models: dict[str, str | None]) -> None:
     """Fail before Ray starts: the model folders, the prompt files, the rule, checkpoint.resume."""
-    from fmray import storage
     from fmray.rl.rewards import load_rule
-    from fmray.train.launch import check_resume, resolve_model_path
+    from fmray.train.launch import check_chat_inputs, resolve_model_path
 
-    resolve_model_path(str(config.model.path))
+    check_chat_inputs(config)  # model.path, data.source / data.eval_source, checkpoint.resume
     models = {"reference": config.reference, "reward.model": config.reward.model, **extra_models}
     for key, path in models.items():
         if path is not None:
             resolve_model_path(path, key)
-    for key, source in (
-        ("data.source", config.data.source),
-        ("data.eval_source", config.data.eval_source),
-    ):
-        if source not in (None, "builtin") and not storage.exists(storage.resolve(source)):
-            raise ConfigError(f"config error: {key}={source!r}: no such file or folder")
     if config.reward.rule is not None:
         try:
             load_rule(config.reward.rule)
         except ValueError as err:
             raise ConfigError(f"config error: {err}") from None
-    check_resume(config)
 
 
 def prepare_rl_run(config: RLConfig, critic: str | None = None) -> RLPlan:
@@ -483,6 +475,7 @@ def rollout_metrics(batch: Rollout, kl_sum: float, device: Any) -> dict[str, flo
 
 @torch.no_grad()
 def evaluate(
+    step: int,
     engine: Any,
     tokenizer: Any,
     rewards: Rewards,
@@ -491,13 +484,20 @@ def evaluate(
     config: RLConfig,
     plan: RLPlan,
     device: Any,
-) -> dict[str, float]:
+    is_chief: bool,
+) -> dict[str, Any]:
     """Greedy replies to this rank's held-out prompts (fmray's generation engine): mean reward
-    and exact match against the references, over all ranks."""
+    and exact match against the references, over all ranks, as step `step`'s record (just the
+    step when eval.num_examples is 0); rank 0 prints them."""
     from fmray.eval.exact_match import is_exact_match
     from fmray.generation.sampling import SamplingParams
     from fmray.rl.rollout import generate_replies, generation_module
+    from fmray.train.metrics import print_line
     from fmray.train.worker import all_reduce_sums
+
+    metrics: dict[str, Any] = {"step": step}
+    if not config.eval.num_examples:
+        return metrics
 
     stops = plan.stop_token_ids
     params = [SamplingParams(config.eval.max_new_tokens, 0.0, stop_token_ids=tuple(stops))] * len(
@@ -517,7 +517,10 @@ def evaluate(
         [scores[:num_counted].sum(), float(num_counted), sum(matches), float(with_reference)],
         device,
     )
-    metrics = {"val_reward": totals[0] / max(totals[1], 1.0)}
+    metrics["val_reward"] = totals[0] / max(totals[1], 1.0)
     if totals[3]:
         metrics["val_exact_match"] = totals[2] / totals[3]
+    if is_chief and config.logging.progress:
+        shown = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "step")
+        print_line(f"eval step {step} | {shown}")
     return metrics

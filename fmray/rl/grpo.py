@@ -27,6 +27,7 @@ serves. Running the same command again resumes from the newest complete checkpoi
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,7 +76,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         masked_mean,
     )
     from fmray.rl.prompts import read_prompts
-    from fmray.rl.rollout import action_logits, action_logps, score_in_chunks
+    from fmray.rl.rollout import (
+        action_logits,
+        action_logps,
+        reference_logps,
+        score_in_chunks,
+        sequence_logps,
+    )
     from fmray.train.checkpointing import Export, checkpoint_and_report, lineage, resume
     from fmray.train.launch import local_dir_of, record_placement_group
     from fmray.train.metrics import MetricsLogger, print_line, step_metrics
@@ -110,28 +117,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config_yaml = dump_config(config)
     stop_step = min(plan.stop_step or config.train.max_steps, config.train.max_steps)
 
-    def policy_logps(samples: Any) -> torch.Tensor:
-        return action_logps(action_logits(engine, samples), samples)
+    def reference_of(samples: Any) -> torch.Tensor:
+        return reference_logps(engine, reference, samples)
 
-    def reference_logps(samples: Any) -> torch.Tensor:
-        if reference is not None:
-            return action_logps(action_logits(reference, samples), samples)
-        with engine.module.disable_adapter():
-            return action_logps(action_logits(engine.module, samples), samples)
-
-    def run_eval(step: int) -> dict[str, Any]:
-        metrics = {"step": step}
-        if config.eval.num_examples:
-            metrics.update(
-                evaluate(engine, tokenizer, rewards, eval_share, num_counted, config, plan, device)
-            )
-            if worker.is_chief and config.logging.progress:
-                shown = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "step")
-                print_line(f"eval step {step} | {shown}")
-        return metrics
+    def eval_record(step: int) -> dict[str, Any]:
+        return evaluate(
+            step,
+            engine,
+            tokenizer,
+            rewards,
+            eval_share,
+            num_counted,
+            config,
+            plan,
+            device,
+            worker.is_chief,
+        )
 
     if start_step == 0:
-        start_metrics = run_eval(0)  # the starting policy, for comparison
+        start_metrics = eval_record(0)  # the starting policy, for comparison
         if logger:
             logger.log(start_metrics, config.train.max_steps)
     run_start = time.perf_counter()
@@ -148,8 +152,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         # --- score: log-probs of the sampling policy and the reference; group advantages
         scoring_start = time.perf_counter()
-        old_logps = score_in_chunks(policy_logps, samples, micro)
-        ref_logps = score_in_chunks(reference_logps, samples, micro)
+        old_logps = score_in_chunks(partial(sequence_logps, engine), samples, micro)
+        ref_logps = score_in_chunks(reference_of, samples, micro)
         advantages = group_advantages(batch.scores, group)
         kl_sum = float(((old_logps - ref_logps) * mask).sum())
         scoring_s = batch.scoring_s + time.perf_counter() - scoring_start
@@ -218,7 +222,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # --- evaluate: greedy replies to held-out prompts
         every = config.train.eval_every
         if (every and done % every == 0) or done == stop_step:
-            metrics.update(run_eval(done))
+            metrics.update(eval_record(done))
         if logger:
             logger.log(metrics, config.train.max_steps)
 

@@ -29,6 +29,7 @@ optimizers, the step, RNG and the KL coefficient; hf/ is the policy that `fmray 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -106,7 +107,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         action_logits,
         action_logps,
         action_values,
+        reference_logps,
         score_in_chunks,
+        sequence_logps,
     )
     from fmray.train.checkpointing import Export, checkpoint_and_report, lineage, resume
     from fmray.train.launch import local_dir_of, record_placement_group
@@ -162,31 +165,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     stop_step = min(plan.stop_step or config.train.max_steps, config.train.max_steps)
     samples_per_step = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
 
-    def policy_logps(samples: Any) -> torch.Tensor:
-        return action_logps(action_logits(engine, samples), samples)
-
-    def reference_logps(samples: Any) -> torch.Tensor:
-        if reference is not None:
-            return action_logps(action_logits(reference, samples), samples)
-        with engine.module.disable_adapter():
-            return action_logps(action_logits(engine.module, samples), samples)
-
     def critic_values(samples: Any) -> torch.Tensor:
         return action_values(critic, samples)
 
-    def run_eval(step: int) -> dict[str, Any]:
-        metrics: dict[str, Any] = {"step": step}
-        if config.eval.num_examples:
-            metrics.update(
-                evaluate(engine, tokenizer, rewards, eval_share, num_counted, config, plan, device)
-            )
-            if worker.is_chief and config.logging.progress:
-                shown = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "step")
-                print_line(f"eval step {step} | {shown}")
-        return metrics
+    def reference_of(samples: Any) -> torch.Tensor:
+        return reference_logps(engine, reference, samples)
+
+    def eval_record(step: int) -> dict[str, Any]:
+        return evaluate(
+            step,
+            engine,
+            tokenizer,
+            rewards,
+            eval_share,
+            num_counted,
+            config,
+            plan,
+            device,
+            worker.is_chief,
+        )
 
     if start_step == 0:
-        start_metrics = run_eval(0)  # the starting policy, for comparison
+        start_metrics = eval_record(0)  # the starting policy, for comparison
         if logger:
             logger.log(start_metrics, config.train.max_steps)
     run_start = time.perf_counter()
@@ -204,8 +204,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         # --- score: sampling policy and reference log-probs, the critic's values
         scoring_start = time.perf_counter()
-        old_logps = score_in_chunks(policy_logps, samples, micro)
-        ref_logps = score_in_chunks(reference_logps, samples, micro)
+        old_logps = score_in_chunks(partial(sequence_logps, engine), samples, micro)
+        ref_logps = score_in_chunks(reference_of, samples, micro)
         old_values = score_in_chunks(critic_values, samples, micro)
         scoring_s = batch.scoring_s + time.perf_counter() - scoring_start
 
@@ -293,7 +293,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # --- evaluate: greedy replies to held-out prompts
         every = config.train.eval_every
         if (every and done % every == 0) or done == stop_step:
-            metrics.update(run_eval(done))
+            metrics.update(eval_record(done))
         if logger:
             logger.log(metrics, config.train.max_steps)
 

@@ -136,6 +136,20 @@ def action_logps(logits: torch.Tensor, samples: Samples) -> torch.Tensor:
     return logps * samples.action_mask
 
 
+def sequence_logps(model: Any, samples: Samples) -> torch.Tensor:
+    """[B, A] reply-token log-probs under `model` (one forward)."""
+    return action_logps(action_logits(model, samples), samples)
+
+
+def reference_logps(engine: Any, reference: Any, samples: Samples) -> torch.Tensor:
+    """The KL reference's reply-token log-probs: the frozen engine, or (LoRA, `reference` None)
+    the policy with its adapters disabled."""
+    if reference is not None:
+        return sequence_logps(reference, samples)
+    with engine.module.disable_adapter():
+        return sequence_logps(engine.module, samples)
+
+
 def action_values(critic: Any, samples: Samples) -> torch.Tensor:
     """[B, A] critic values of the states before each reply token."""
     values = critic(
