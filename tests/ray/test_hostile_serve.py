@@ -125,13 +125,21 @@ def test_disconnects_mid_stream_empty_the_replica_batch(app: str) -> None:
     body = {"model": "tiny", "prompt": "Emma", "max_tokens": 80, "stream": True}
 
     def open_and_drop(_: int) -> str:
-        with httpx.stream(
-            "POST", f"{BASE}/v1/completions", json=body, headers=AUTH, timeout=60
-        ) as response:
-            assert response.status_code == 200, response.read()
-            return next(line for line in response.iter_lines() if line.startswith("data: "))
+        # Serve counts requests still waiting for a replica assignment against
+        # max_queued_requests (2 here), so a burst can be told to retry: the client does.
+        for _attempt in range(20):
+            with httpx.stream(
+                "POST", f"{BASE}/v1/completions", json=body, headers=AUTH, timeout=60
+            ) as response:
+                if response.status_code == 503:
+                    response.read()
+                    time.sleep(0.2)
+                    continue
+                assert response.status_code == 200, response.read()
+                return next(line for line in response.iter_lines() if line.startswith("data: "))
+        raise AssertionError("still refused after 20 tries")
 
-    with ThreadPoolExecutor(6) as pool:  # below max_ongoing_requests: none is refused
+    with ThreadPoolExecutor(6) as pool:  # below max_ongoing_requests: all are served
         firsts = list(pool.map(open_and_drop, range(6)))
     assert all(json.loads(line[6:])["object"] == "text_completion" for line in firsts)
     deadline = time.monotonic() + 20
