@@ -2,6 +2,7 @@
 checkpoints and exports inside run folders."""
 
 from fmray.checkpoint.exporters import (
+    checkpoint_records,
     export_checkpoint,
     exporter_for,
     find_hf_export,
@@ -20,6 +21,7 @@ from fmray.checkpoint.format import (
 __all__ = [
     "CONFIG_FILE",
     "META_FILE",
+    "checkpoint_records",
     "export_checkpoint",
     "exporter_for",
     "find_hf_export",

@@ -4,7 +4,9 @@ A checkpoint directory (one per reported step, merged from all ranks by Ray Trai
 
     modules/<name>/<tag>/  DeepSpeed state of each named module (model, policy, critic, unet,
                            ema, ...): its ZeRO shards of every rank, optimizer and scheduler
-    rng/rank<r>.pt         torch / numpy / python RNG states of each rank
+    rng/rank<r>.pt         torch / numpy / python RNG states of each rank (tensors and numbers,
+                           read with torch.load(weights_only=True))
+    manifest/rank<r>.json  size and CRC-32 of every file rank r wrote
     fmray.yaml             the resolved config that produced it
     fmray.json             kind, modules, step, tag, world size, lineage (run, trial, base model)
     hf/, adapter/, ...     the kind's export (see fmray.checkpoint.exporters)
@@ -13,13 +15,18 @@ A module whose engine has frozen parameters (LoRA's base) saves only the trainab
 frozen ones come back from the base model the engine was built from. Full and adapter training
 therefore share one save and one load. Ray Train registers a checkpoint only after every rank's
 files are persisted, and resume goes through Ray Train's record of registered checkpoints (or a
-folder with fmray.json, written last), so a half-written checkpoint is never loaded.
+folder with fmray.json, written last), so a half-written checkpoint is never loaded. Before
+loading, every rank checks the files it will read against the manifests (`verify_checkpoint`):
+a truncated, corrupted or missing file is named, never half-loaded.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,11 @@ from fmray import storage
 CONFIG_FILE = "fmray.yaml"
 META_FILE = "fmray.json"
 MODULES_DIR = "modules"
+MANIFEST_DIR = "manifest"
+# What a resuming rank reads (the exports are not needed to resume).
+RESUME_PARTS = (MODULES_DIR, "rng", CONFIG_FILE)
+# Below this much free space a failed write is reported as a full disk.
+DISK_FULL_BYTES = 1 << 20
 # Checkpoints written before named modules kept their only module's state here.
 LEGACY_DEEPSPEED_DIR = "deepspeed"
 
@@ -60,17 +72,22 @@ def save_checkpoint(
     coefficient; `load_checkpoint` hands it back."""
     rank, world = rank_and_world()
     tag = f"step_{step}"
-    for name, engine in engines.items():
-        engine.save_checkpoint(
-            str(ckpt_dir / MODULES_DIR / name),
-            tag=tag,
-            client_state={"step": step, "state": state or {}},
-            exclude_frozen_parameters=has_frozen_parameters(engine),
-        )
-    (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(capture_rng(), ckpt_dir / "rng" / f"rank{rank}.pt")
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(
+                str(ckpt_dir / MODULES_DIR / name),
+                tag=tag,
+                client_state={"step": step, "state": state or {}},
+                exclude_frozen_parameters=has_frozen_parameters(engine),
+            )
+        (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(capture_rng(), ckpt_dir / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            (ckpt_dir / CONFIG_FILE).write_text(config_yaml)
+        write_manifest(ckpt_dir, rank)
+    except (OSError, RuntimeError) as error:
+        raise CheckpointWriteError(ckpt_dir, step, error) from error
     if rank == 0:
-        (ckpt_dir / CONFIG_FILE).write_text(config_yaml)
         record = {
             "kind": kind,
             "modules": list(engines),
@@ -87,6 +104,7 @@ def load_checkpoint(
     engines: dict[str, Any],
     kind: str | None = None,
     state_out: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> int:
     """Restore every named engine (model, optimizer, scheduler) and this rank's RNG; returns
     the step (and fills `state_out` with the loop state saved beside it). Each engine must be
@@ -107,6 +125,9 @@ def load_checkpoint(
     missing = sorted(set(engines) - set(module_names(meta)))
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir} holds no module {missing} (kind {kind_of(meta)})")
+    problem = verify_checkpoint(ckpt_dir, rank, meta) if verify else None
+    if problem:
+        raise CheckpointDamagedError(f"checkpoint damaged: {problem}")
     step = 0
     for name, engine in engines.items():
         load_path, client_state = engine.load_checkpoint(
@@ -119,7 +140,7 @@ def load_checkpoint(
         step = int(client_state["step"])
         if state_out is not None:
             state_out.update(client_state.get("state", {}))
-    restore_rng(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=False))
+    restore_rng(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=True))
     return step
 
 
@@ -149,17 +170,112 @@ def deepspeed_dir(ckpt_dir: Path, meta: dict[str, Any], module: str) -> Path:
 
 
 def capture_rng() -> dict[str, Any]:
+    """The RNG states as tensors and numbers only, so that they load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    internal = tuple(int(x) for x in python_state["internal"].tolist())
+    random.setstate((python_state["version"], internal, python_state["gauss_next"]))
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions): the run stops, and the
+    checkpoints before it stay as they were."""
+
+    def __init__(self, ckpt_dir: Path, step: int, error: BaseException) -> None:
+        # torch.save reports a full disk as a RuntimeError about stream positions: the free
+        # space tells.
+        free = shutil.disk_usage(ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent).free
+        full = getattr(error, "errno", None) == errno.ENOSPC or free < DISK_FULL_BYTES
+        detail = f"no space left on device, {free} bytes free: {error}" if full else str(error)
+        super().__init__(
+            f"checkpoint of step {step} could not be written to {ckpt_dir} ({detail}); "
+            "the previous checkpoints are untouched"
+        )
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint whose files do not match its manifests (truncated, corrupted, missing)."""
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(ckpt_dir: Path, rank: int) -> None:
+    """manifest/rank<r>.json: size and CRC-32 of every file in this rank's share."""
+    files = {}
+    for path in sorted(ckpt_dir.rglob("*")):
+        relative = path.relative_to(ckpt_dir)
+        if path.is_file() and relative.parts[0] != MANIFEST_DIR and path.name != META_FILE:
+            files[relative.as_posix()] = [path.stat().st_size, file_crc32(path)]
+    (ckpt_dir / MANIFEST_DIR).mkdir(exist_ok=True)
+    (ckpt_dir / MANIFEST_DIR / f"rank{rank}.json").write_text(json.dumps(files, indent=0))
+
+
+def verify_checkpoint(ckpt_dir: Path, rank: int, meta: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with the files rank `rank` would read to resume (its own share and rank
+    0's), or None. Every rank's manifest must be there: a checkpoint copied only in part is
+    incomplete. Checkpoints written before manifests existed are not checked."""
+    meta = meta or read_meta(ckpt_dir)
+    manifest_dir = ckpt_dir / MANIFEST_DIR
+    if not manifest_dir.is_dir():
+        return None
+    world = int(meta["world_size"])
+    missing = [r for r in range(world) if not (manifest_dir / f"rank{r}.json").is_file()]
+    if missing:
+        return f"{ckpt_dir.name}: incomplete, no manifest of rank(s) {missing}"
+    for owner in sorted({0, rank}):
+        try:
+            files = json.loads((manifest_dir / f"rank{owner}.json").read_text())
+        except (OSError, ValueError) as error:
+            return f"{ckpt_dir.name}/{MANIFEST_DIR}/rank{owner}.json: unreadable ({error})"
+        for name, (size, crc) in files.items():
+            if name.split("/")[0] not in RESUME_PARTS:
+                continue
+            path = ckpt_dir / name
+            where = f"{ckpt_dir.name}/{name}"
+            if not path.is_file():
+                return f"{where}: missing"
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{where}: {actual} bytes, {size} written (truncated or overwritten)"
+            if file_crc32(path) != crc:
+                return f"{where}: contents differ from what was written (CRC-32 mismatch)"
+    return None
 
 
 def gather_state_dict(engine: Any, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:

@@ -226,14 +226,14 @@ def run_rl(
     """The driver of `fmray ppo` / `fmray grpo`: check, prepare, fit, summary."""
     from fmray import storage
     from fmray.distributed.runtime import init_ray
-    from fmray.train.launch import build_trainer, checkpoint_location, print_summary
+    from fmray.train.launch import build_trainer, checkpoint_location, fit, print_summary
 
     check_inputs(config, {"critic": critic})
     plan = prepare_rl_run(config, critic)  # before Ray: a bad prompt fails here
     init_ray(
         address, config.scaling.num_workers * config.scaling.cpus_per_worker, config.logging.verbose
     )
-    result = build_trainer(config, plan, train_loop).fit()
+    result = fit(config, lambda cfg: build_trainer(cfg, plan, train_loop))
     outputs = [("policy from", plan.model_path or "")]
     if result.checkpoint is not None:
         location = checkpoint_location(result.checkpoint)

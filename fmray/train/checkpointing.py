@@ -6,7 +6,10 @@
 Resume takes Ray Train's newest registered checkpoint of this run (after a worker-group restart,
 or when the same command runs again), else the plan's `resume_from`. A checkpoint is written by
 all ranks into local folders that Ray Train merges into <run dir>/checkpoint_<step> and registers
-only once complete.
+only once complete. Every rank checks the files it will read against the checkpoint's manifests
+first; when one is damaged (truncated, corrupted, missing), all ranks fall back together to the
+newest older checkpoint of the run folder that is intact, and say so. An explicit
+`checkpoint.resume=PATH` that is damaged stops the run with the file named.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +57,71 @@ def resume(
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        source: Any = checkpoint.as_directory()
-    else:  # checkpoint.resume=PATH or a PBT donor, downloaded first when remote
-        resume_from = plan.resume_from
-        source = nullcontext(str(storage.local_copy(resume_from)) if resume_from else None)
-    with source as ckpt_dir:
-        if ckpt_dir is None:
-            return 0
-        step = load_checkpoint(Path(ckpt_dir), engines, kind, state_out)
+        step = load_newest_intact(checkpoint, plan.run_dir, engines, kind, state_out)
+    elif plan.resume_from:  # checkpoint.resume=PATH or a PBT donor, downloaded when remote
+        with nullcontext(str(storage.local_copy(plan.resume_from))) as ckpt_dir:
+            step = load_checkpoint(Path(ckpt_dir), engines, kind, state_out)
+    else:
+        return 0
     for name, engine in engines.items():
         apply_schedule(engine, (schedules or {}).get(name, train))
     return step
+
+
+def load_newest_intact(
+    registered: Any,
+    run_dir: str,
+    engines: dict[str, Any],
+    kind: str,
+    state_out: dict[str, Any] | None,
+) -> int:
+    """Load Ray Train's newest registered checkpoint, or, when any rank finds a file of it
+    damaged, the newest older intact checkpoint of the run folder (all ranks agree on which)."""
+    import torch.distributed as dist
+
+    from fmray.checkpoint import checkpoint_records
+    from fmray.checkpoint.format import (
+        CheckpointDamagedError,
+        load_checkpoint,
+        rank_and_world,
+        verify_checkpoint,
+    )
+    from fmray.train.metrics import print_line
+    from fmray.train.worker import all_reduce_sums
+
+    rank, _ = rank_and_world()
+    newest = Path(registered.path).name
+    newest_step = int(newest.rsplit("_", 1)[-1]) if newest.startswith("checkpoint_") else None
+    sources: list[tuple[str, Any]] = [(newest, registered.as_directory)]
+    for step, _, location in reversed(checkpoint_records(run_dir)):
+        if newest_step is None or step < newest_step:
+            sources.append((storage.name_of(location), partial(local_checkpoint, location)))
+    problems: list[str] = []
+    for name, open_dir in sources:
+        with open_dir() as ckpt_dir:
+            try:
+                problem = verify_checkpoint(Path(ckpt_dir), rank)
+            except (OSError, ValueError) as error:
+                problem = f"{name}: {error}"
+            if problem:
+                print_line(f"checkpoint damaged: {problem}")  # by the rank that found it
+            damaged = float(problem is not None)
+            if dist.is_initialized():
+                damaged = all_reduce_sums([damaged], device_of(engines))[0]
+            if damaged == 0:
+                if problems and rank == 0:
+                    print_line(f"resuming from {name}, the newest intact checkpoint")
+                return load_checkpoint(Path(ckpt_dir), engines, kind, state_out, verify=False)
+        problems.append(problem or f"{name}: damaged (see the other ranks' lines)")
+    raise CheckpointDamagedError(f"no intact checkpoint to resume from: {'; '.join(problems)}")
+
+
+def local_checkpoint(location: str) -> Any:
+    return nullcontext(str(storage.local_copy(location)))
+
+
+def device_of(engines: dict[str, Any]) -> Any:
+    return next(iter(engines.values())).device
 
 
 def checkpoint_and_report(

@@ -400,13 +400,13 @@ def build_trainer(
 def run(config: DPOConfig, address: str | None = None) -> Any:
     from fmray import storage
     from fmray.distributed.runtime import init_ray
-    from fmray.train.launch import checkpoint_location, print_summary
+    from fmray.train.launch import checkpoint_location, fit, print_summary
 
     check_inputs(config)
     plan = prepare_run(config)  # before Ray: a bad record fails here
     required_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
     init_ray(address, required_cpus, config.logging.verbose)
-    result = build_trainer(config, plan).fit()
+    result = fit(config, lambda cfg: build_trainer(cfg, plan))
     outputs = [("base model", plan.model_path or "")]
     if result.checkpoint is not None:
         location = checkpoint_location(result.checkpoint)

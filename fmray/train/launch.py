@@ -2,7 +2,7 @@
 the TorchTrainer, placement-group records and the final summary.
 
 A recipe's `run(config)` reads: check_inputs -> init_ray -> prepare_run (recipe-specific, using
-the helpers here) -> build_trainer(...).fit() -> print_summary.
+the helpers here) -> fit(config, lambda cfg: build_trainer(cfg, plan)) -> print_summary.
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def stage_model(model_dir: str, run_dir: str) -> str:
 def local_dir_of(location: str) -> Path:
     """A local folder holding `location`'s files (downloaded into a fresh temporary folder when
     remote; the caller's process owns it)."""
+    if not storage.is_remote(location):
+        return storage.local_copy(location)  # the folder itself: no scratch folder to leak
     return storage.local_copy(location, tempfile.mkdtemp(prefix="fmray-input-"))
 
 
@@ -194,6 +196,44 @@ def build_trainer(
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
+
+
+def fit(config: Any, make_trainer: Any) -> Any:
+    """`make_trainer(config).fit()`, fitted again from the newest registered checkpoint when a
+    worker dies under one of Ray Train's controller calls.
+
+    Ray Train retries a worker group that fails while training, or while it initialises, but a
+    worker actor that dies under some other controller call (launching the train function, its
+    callbacks) ends the run with a ControllerError that its failure policy never retries,
+    whatever `max_failures` says. Such a death is the same fault as any other worker death, so
+    fmray re-fits the run (Ray Train restores its newest registered checkpoint, as when the
+    command is re-run); each re-fit counts against `scaling.max_failures`, and the next fit gets
+    what is left of it.
+    """
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError
+
+    from fmray.train.metrics import print_line
+
+    budget = config.scaling.max_failures
+    refits = 0
+    while True:
+        try:
+            return make_trainer(config).fit()
+        except ControllerError as error:
+            cause = error.controller_failure
+            if not isinstance(cause, RayActorError) or (budget != -1 and refits >= budget):
+                raise
+            refits += 1
+            left = -1 if budget == -1 else budget - refits
+            config = config.model_copy(
+                update={"scaling": config.scaling.model_copy(update={"max_failures": left})}
+            )
+            shown = "unlimited" if budget == -1 else f"{refits}/{budget}"
+            print_line(
+                f"a worker died under a Ray Train controller call ({type(cause).__name__}); "
+                f"fitting again from the newest checkpoint (restart {shown})"
+            )
 
 
 def check_batch_geometry(

@@ -161,18 +161,28 @@ def kill_a_worker_after(checkpoint_dir: Path, killed: list[int], timeout_s: floa
 def test_cli_resume_and_killed_worker_equal_the_uninterrupted_run(
     stage_runs, workdir: Path, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """`fmray pretrain` runs 10 steps; the same run continued to 20 (re-run of the command,
-    checkpoint.resume=auto), with a worker SIGKILLed after step 15's checkpoint and the group
-    restarted from it, ends with the weights and losses of the uninterrupted ZeRO-2 run."""
+    """`fmray pretrain` runs 10 steps (checkpoints 5 and 10); rank 1's optimizer shard of
+    checkpoint 10 is then truncated. The same run continued to 20 (re-run of the command,
+    checkpoint.resume=auto) finds the damage, falls back to checkpoint 5, has a worker
+    SIGKILLed after step 15's checkpoint and the group restarted from it, and ends with the
+    weights and losses of the uninterrupted ZeRO-2 run."""
     from fmray.cli import main
 
-    half = ["zero.stage=2", "train.max_steps=10", "train.lr_decay_steps=20"]
+    half = [
+        "zero.stage=2",
+        "train.max_steps=10",
+        "train.lr_decay_steps=20",
+        "checkpoint.every_steps=5",
+    ]
     main(["pretrain", *config_overrides(workdir, tiny_model_dir, "resumed", *half)])
     console = capfd.readouterr().out
     assert "[fmray] step 10/10" in console and "[fmray] done." in console
     assert "HF export" in console and "resumed" in console
     # The console carries fmray's lines, not Ray Train's report chatter.
     assert "Reporting training result" not in console and "TrainingReport" not in console
+    checkpoint_10 = workdir / "runs" / "resumed" / "checkpoint_00000010"
+    (shard,) = checkpoint_10.rglob("zero_pp_rank_1_*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[:1000])
 
     full = make_config(
         workdir,
@@ -188,7 +198,11 @@ def test_cli_resume_and_killed_worker_equal_the_uninterrupted_run(
     killer.start()
     result = run(full)
     killer.join()
-    assert "[fmray] resumed from step 10" in capfd.readouterr().out
+    console = capfd.readouterr().out
+    damaged = shard.relative_to(checkpoint_10.parent)
+    assert f"[fmray] checkpoint damaged: {damaged}: 1000 bytes" in console
+    assert "[fmray] resuming from checkpoint_00000005, the newest intact checkpoint" in console
+    assert "[fmray] resumed from step 5" in console
     assert killed, "no training worker was found to kill"
     assert result.error is None and result.metrics["step"] == STEPS
     reference = final_weights(stage_runs[2])
