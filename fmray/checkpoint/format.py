@@ -22,11 +22,17 @@ a truncated, corrupted or missing file is named, never half-loaded.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
+import io
 import json
 import random
 import shutil
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,31 +123,68 @@ def load_checkpoint(
             f"{ckpt_dir} is a {kind_of(meta)!r} checkpoint; this run trains {kind!r} "
             "(lora.* decides between 'lora' and 'causal_lm')"
         )
-    if meta["world_size"] != world:
-        raise ValueError(
-            f"checkpoint {ckpt_dir} was written by {meta['world_size']} workers; "
-            f"scaling.num_workers={world} cannot resume it"
-        )
+    saved_world = int(meta["world_size"])
     missing = sorted(set(engines) - set(module_names(meta)))
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir} holds no module {missing} (kind {kind_of(meta)})")
-    problem = verify_checkpoint(ckpt_dir, rank, meta) if verify else None
+    problem = verify_checkpoint(ckpt_dir, rank, meta, world) if verify else None
     if problem:
         raise CheckpointDamagedError(f"checkpoint damaged: {problem}")
+    if saved_world != world and rank == 0:
+        print(f"[fmray] resharding {ckpt_dir.name} from {saved_world} to {world} workers")
     step = 0
     for name, engine in engines.items():
-        load_path, client_state = engine.load_checkpoint(
-            str(deepspeed_dir(ckpt_dir, meta, name)),
-            tag=meta["tag"],
-            load_module_strict=not has_frozen_parameters(engine),
-        )
+        source = deepspeed_dir(ckpt_dir, meta, name)
+        with resharded(source, meta["tag"], engine, saved_world != world) as (root, universal):
+            engine._config.load_universal_checkpoint = universal
+            try:
+                load_path, client_state = engine.load_checkpoint(
+                    str(root),
+                    tag=meta["tag"],
+                    load_module_strict=not has_frozen_parameters(engine),
+                )
+            finally:
+                engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load module {name!r} of {ckpt_dir}")
         step = int(client_state["step"])
         if state_out is not None:
             state_out.update(client_state.get("state", {}))
-    restore_rng(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=True))
+    # A rank that did not exist when the checkpoint was written takes rank 0's generators.
+    rng_file = ckpt_dir / "rng" / f"rank{rank if rank < saved_world else 0}.pt"
+    restore_rng(torch.load(rng_file, weights_only=True))
     return step
+
+
+@contextmanager
+def resharded(source: Path, tag: str, engine: Any, reshard: bool) -> Iterator[tuple[Path, bool]]:
+    """The DeepSpeed folder to load a module from, and whether it is in DeepSpeed's universal
+    format: `source` itself when the worker count is unchanged or nothing is partitioned (ZeRO-0
+    keeps the optimizer beside the module, readable at any world size), else a universal copy
+    converted from the ZeRO shards of every rank (into this process's scratch folder, removed
+    after loading)."""
+    if not reshard or engine.zero_optimization_stage() == 0:
+        yield source, False
+        return
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    scratch = Path(tempfile.mkdtemp(prefix="fmray-universal-"))
+    try:
+        args = argparse.Namespace(
+            input_folder=str(source / tag),
+            output_folder=str(scratch / tag),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # in memory: the checkpoint's files stay as written
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress is not the user's
+            to_universal(args)
+        (scratch / "latest_universal").write_text(tag)
+        yield scratch, True
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -246,19 +289,24 @@ def write_manifest(ckpt_dir: Path, rank: int) -> None:
     (ckpt_dir / MANIFEST_DIR / f"rank{rank}.json").write_text(json.dumps(files, indent=0))
 
 
-def verify_checkpoint(ckpt_dir: Path, rank: int, meta: dict[str, Any] | None = None) -> str | None:
-    """What is wrong with the files rank `rank` would read to resume (its own share and rank
-    0's), or None. Every rank's manifest must be there: a checkpoint copied only in part is
+def verify_checkpoint(
+    ckpt_dir: Path, rank: int, meta: dict[str, Any] | None = None, world: int | None = None
+) -> str | None:
+    """What is wrong with the files rank `rank` of `world` would read to resume, or None: its
+    own share and rank 0's, or every rank's when the worker count changed (resharding reads
+    them all). Every rank's manifest must be there: a checkpoint copied only in part is
     incomplete. Checkpoints written before manifests existed are not checked."""
     meta = meta or read_meta(ckpt_dir)
     manifest_dir = ckpt_dir / MANIFEST_DIR
     if not manifest_dir.is_dir():
         return None
-    world = int(meta["world_size"])
-    missing = [r for r in range(world) if not (manifest_dir / f"rank{r}.json").is_file()]
+    saved_world = int(meta["world_size"])
+    missing = [r for r in range(saved_world) if not (manifest_dir / f"rank{r}.json").is_file()]
     if missing:
         return f"{ckpt_dir.name}: incomplete, no manifest of rank(s) {missing}"
-    for owner in sorted({0, rank}):
+    same_world = world is None or world == saved_world
+    owners = sorted({0, rank}) if same_world else range(saved_world)
+    for owner in owners:
         try:
             files = json.loads((manifest_dir / f"rank{owner}.json").read_text())
         except (OSError, ValueError) as error:

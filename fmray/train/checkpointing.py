@@ -89,7 +89,7 @@ def load_newest_intact(
     from fmray.train.metrics import print_line
     from fmray.train.worker import all_reduce_sums
 
-    rank, _ = rank_and_world()
+    rank, world = rank_and_world()
     newest = Path(registered.path).name
     newest_step = int(newest.rsplit("_", 1)[-1]) if newest.startswith("checkpoint_") else None
     sources: list[tuple[str, Any]] = [(newest, registered.as_directory)]
@@ -100,7 +100,7 @@ def load_newest_intact(
     for name, open_dir in sources:
         with open_dir() as ckpt_dir:
             try:
-                problem = verify_checkpoint(Path(ckpt_dir), rank)
+                problem = verify_checkpoint(Path(ckpt_dir), rank, world=world)
             except (OSError, ValueError) as error:
                 problem = f"{name}: {error}"
             if problem:

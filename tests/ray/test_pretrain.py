@@ -215,6 +215,59 @@ def test_cli_resume_and_killed_worker_equal_the_uninterrupted_run(
     )
 
 
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.faults  # two fits per stage: `make test-faults`
+@pytest.mark.parametrize("stage", STAGES)
+def test_worker_count_changes_2_1_2(
+    stage: int, stage_runs, workdir: Path, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The 2-worker run's step-10 checkpoint continues on 1 worker (same global batch: twice
+    the accumulation) to step 15, whose checkpoint continues on 2 workers to step 20: each
+    checkpoint is resharded (DeepSpeed's universal format), and the losses and final weights
+    are the uninterrupted 2-worker run's."""
+    runs = workdir / "runs"
+    one = make_config(
+        workdir,
+        tiny_model_dir,
+        f"reshard{stage}-one",
+        f"zero.stage={stage}",
+        "scaling.num_workers=1",
+        "train.grad_accum_steps=4",
+        "train.max_steps=15",
+        "train.lr_decay_steps=20",
+        "checkpoint.every_steps=15",
+        f"checkpoint.resume={runs / f'zero{stage}' / 'checkpoint_00000010'}",
+    )
+    assert run(one).error is None
+    two = make_config(
+        workdir,
+        tiny_model_dir,
+        f"reshard{stage}-two",
+        f"zero.stage={stage}",
+        f"checkpoint.resume={runs / f'reshard{stage}-one' / 'checkpoint_00000015'}",
+    )
+    result = run(two)
+    assert result.error is None and result.metrics["step"] == STEPS
+    console = capfd.readouterr().out
+    assert "resharding checkpoint_00000010 from 2 to 1 workers" in console
+    assert "resharding checkpoint_00000015 from 1 to 2 workers" in console
+    expected = losses_by_step(runs / f"zero{stage}")
+    got = {
+        **losses_by_step(runs / f"reshard{stage}-one"),
+        **losses_by_step(runs / f"reshard{stage}-two"),
+    }
+    assert sorted(got) == list(range(11, STEPS + 1))
+    assert max(abs(got[s] - expected[s]) for s in got) <= 1e-3
+    reference = final_weights(stage_runs[stage])
+    resharded = final_weights(result)
+    for key, value in reference.items():
+        assert torch.allclose(value, resharded[key], atol=1e-4, rtol=0), key
+
+
 EXPORT_CHECK = textwrap.dedent(
     """
     import json, sys
