@@ -27,9 +27,10 @@ from fmray.train.diffusion import DiffusionConfig, run
 
 pytestmark = pytest.mark.ray
 
-PIXEL_STEPS = 400
-# Chance is 1/6; measured here: 0.39 (14 of 36 prompts) with these seeds (docs/diffusion.md).
-MIN_COLOUR_ACC = 0.3
+PIXEL_STEPS = 300
+# Chance is 1/6; measured here: 0.94 (34 of 36 prompts) with these seeds (docs/diffusion.md).
+# Shape (0.14) and position (0.28) stay at chance (1/3) after 300 steps: not asserted.
+MIN_COLOUR_ACC = 0.6
 LATENT_STEPS = 8
 
 
