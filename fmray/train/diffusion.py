@@ -671,13 +671,13 @@ def build_trainer(
 
 def run(config: DiffusionConfig, address: str | None = None) -> Any:
     from fmray.distributed.runtime import init_ray
-    from fmray.train.launch import checkpoint_location, print_summary
+    from fmray.train.launch import checkpoint_location, fit, print_summary
 
     check_inputs(config)
     required_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
     init_ray(address, required_cpus, config.logging.verbose)
     plan = prepare_run(config)
-    result = build_trainer(config, plan).fit()
+    result = fit(config, lambda cfg: build_trainer(cfg, plan))
     outputs = [("base model", plan.model_path or "")]
     if result.checkpoint is not None:
         location = checkpoint_location(result.checkpoint)
