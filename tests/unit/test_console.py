@@ -37,7 +37,7 @@ TRAINING_RUN = [
         HIDE,
     ),
     (
-        "/work/main/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/operators/"
+        "/home/user/proj/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/operators/"
         "task_pool_map_operator.py:319: UserWarning: The maximum number of concurrent tasks for "
         "'ReadFilesParquetV2->MapBatches(keep_rank_rows)' is set to 2, but the operator only "
         "received 1 input(s).",
@@ -50,7 +50,7 @@ TRAINING_RUN = [
         HIDE,
     ),
     (
-        "/work/main/.venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py:83: "
+        "/home/user/proj/.venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py:83: "
         "FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated.",
         SHOW,
     ),
@@ -83,7 +83,7 @@ TRAINING_RUN = [
 FAILED_WORKER = [
     ("Error in training function:", SHOW),
     ("Traceback (most recent call last):", SHOW),
-    ('  File "/work/main/fmray/train/pretrain.py", line 75, in train_loop', SHOW),
+    ('  File "/home/user/proj/fmray/train/pretrain.py", line 75, in train_loop', SHOW),
     ("    train = config.train", SHOW),
     ("            ^^^^^^^^^^^^", SHOW),
     ("AttributeError: 'dict' object has no attribute 'train'", SHOW),
