@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -59,8 +60,7 @@ def resume(
     if checkpoint is not None:
         step = load_newest_intact(checkpoint, plan.run_dir, engines, kind, state_out)
     elif plan.resume_from:  # checkpoint.resume=PATH or a PBT donor, downloaded when remote
-        with nullcontext(str(storage.local_copy(plan.resume_from))) as ckpt_dir:
-            step = load_checkpoint(Path(ckpt_dir), engines, kind, state_out)
+        step = load_checkpoint(storage.local_copy(plan.resume_from), engines, kind, state_out)
     else:
         return 0
     for name, engine in engines.items():
@@ -92,12 +92,16 @@ def load_newest_intact(
     rank, world = rank_and_world()
     newest = Path(registered.path).name
     newest_step = int(newest.rsplit("_", 1)[-1]) if newest.startswith("checkpoint_") else None
-    sources: list[tuple[str, Any]] = [(newest, registered.as_directory)]
-    for step, _, location in reversed(checkpoint_records(run_dir)):
-        if newest_step is None or step < newest_step:
-            sources.append((storage.name_of(location), partial(local_checkpoint, location)))
+
+    def sources() -> Iterator[tuple[str, Any]]:
+        yield newest, registered.as_directory
+        # The run folder's older checkpoints are listed only once the newest proved damaged.
+        for step, _, location in reversed(checkpoint_records(run_dir)):
+            if newest_step is None or step < newest_step:
+                yield storage.name_of(location), partial(local_checkpoint, location)
+
     problems: list[str] = []
-    for name, open_dir in sources:
+    for name, open_dir in sources():
         with open_dir() as ckpt_dir:
             try:
                 problem = verify_checkpoint(Path(ckpt_dir), rank, world=world)
