@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class FakeConfig(Section):
     train: TrainSection = TrainSection(max_steps=8, eval_every=2, warmup_steps=0)
     checkpoint: CheckpointSection = CheckpointSection()
     scaling: ScalingSection = ScalingSection(num_workers=1)
+    step_seconds: float = 0.0
+    """Wall time per step, so a test can act while a search is under way."""
 
 
 def val_loss(lr: float, step: int) -> float:
@@ -76,13 +79,17 @@ class FakeTrainer:
     def fit(self) -> FakeResult:
         config, plan = self.config, self.plan
         start, progress = 0, 0.0
-        if plan.resume_from:  # a PBT segment continues from its (possibly cloned) checkpoint
-            meta = json.loads(storage.read_text(storage.join(plan.resume_from, "fmray.json")))
+        # A PBT segment continues from its (possibly cloned) checkpoint; a restarted trial, as
+        # a real recipe does, from the newest checkpoint in its own run folder.
+        resume_from = plan.resume_from or newest_checkpoint(plan.run_dir)
+        if resume_from:
+            meta = json.loads(storage.read_text(storage.join(resume_from, "fmray.json")))
             start, progress = meta["step"], meta["progress"]
         stop = min(plan.stop_step or config.train.max_steps, config.train.max_steps)
         metrics: dict[str, Any] = {}
         checkpoint = None
         for step in range(start + 1, stop + 1):
+            time.sleep(config.step_seconds)
             # Progress accumulates at the current LR: a PBT mutation changes the slope from here.
             progress += config.train.lr * 1000.0
             metrics = {"step": step, "val_loss": 1.0 / (1.0 + progress)}
@@ -122,6 +129,11 @@ class FakeTrainer:
         (ckpt / "fmray.json").write_text(json.dumps(meta))
         (ckpt / "fmray.yaml").write_text(f"train:\n  lr: {self.config.train.lr}\n")
         return FakeCheckpoint(str(ckpt))
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    done = sorted(Path(run_dir).glob("checkpoint_*/fmray.json"))
+    return str(done[-1].parent) if done else None
 
 
 def build_trainer(

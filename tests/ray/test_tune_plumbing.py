@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ from fmray import recipes
 from fmray.config import load_config, validate_config
 from fmray.tune import search
 from tests import fake_recipe
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.ray
 
@@ -111,3 +117,70 @@ def test_pbt_runs_trials_in_segments_that_resume_from_checkpoints(
         assert final.parent.name.startswith("segment-00000004-")
     best_config = load_config(fake_recipe.FakeConfig, str(exp_dir / "best_config.yaml"))
     assert best_config.train.max_steps == 6
+
+
+DRIVER = """
+import sys
+from fmray import recipes
+from fmray.cli import main
+recipes.COMMANDS["fake"] = recipes.Recipe(
+    "tests.fake_recipe", "FakeConfig", "a fake recipe", ("val_loss",), pbt=True
+)
+main(sys.argv[1:])
+"""
+
+
+def test_search_whose_driver_is_killed_resumes_with_the_same_command(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    """`fmray tune` SIGKILLed mid-search, then run again: the search continues where it was
+    (finished trials are not run again) and ends with the uninterrupted search's results."""
+    import ray
+
+    config = {
+        "run": {"name": "search", "output_dir": str(tmp_path)},
+        "recipe": "fake",
+        "overrides": {"train.max_steps": 8, "train.eval_every": 2, "step_seconds": 0.4},
+        "search_space": {"train.lr": f"grid({LEARNING_RATES})"},
+        "num_samples": 1,
+        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+        "max_concurrent_trials": 1,
+    }
+    config_file = tmp_path / "search.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-c", DRIVER, "tune", "--config", str(config_file)]
+    command += ["--address", ray.get_runtime_context().gcs_address]
+    exp_dir = tmp_path / "search"
+
+    # --- the first driver dies once the first trial has finished and the second has started
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and first.poll() is None:
+        finished = list(exp_dir.glob("*/run/checkpoint_00000008"))
+        started = [p for p in exp_dir.glob("*/run/checkpoint_00000002") if finished]
+        if finished and len(started) >= 2:
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, f"the search ended before it could be killed:\n{log.read_text()}"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    [finished_trial] = [p.parent.parent for p in exp_dir.glob("*/run/checkpoint_00000008")]
+    assert not (exp_dir / "best.json").exists()
+
+    # --- the same command again
+    second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming the search" in second.stdout
+
+    rows = list(csv.DictReader((exp_dir / "results.csv").open()))
+    by_lr = {float(r["config/train.lr"]): r for r in rows}
+    assert sorted(by_lr) == sorted(LEARNING_RATES)
+    assert by_lr[3e-3]["status"] == "completed" and int(by_lr[3e-3]["steps"]) == 8
+    summary = json.loads((exp_dir / "best.json").read_text())
+    assert summary["best_params"] == {"train.lr": 3e-3}
+    assert summary["best_metric"] == pytest.approx(fake_recipe.val_loss(3e-3, 8))
+    # The trial that had finished before the kill was not run again: one line per step.
+    steps = [json.loads(line)["step"] for line in (finished_trial / "run/metrics.jsonl").open()]
+    assert steps == list(range(1, 9))
