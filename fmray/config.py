@@ -177,6 +177,22 @@ class LoggingSection(Section):
     """Print a progress line on rank 0."""
     verbose: bool = False
     """Show Ray's own log lines on the console too (they are always in Ray's log folder)."""
+    mlflow: bool = False
+    """Also log metrics and the config to MLflow (needs `pip install 'fmray[mlflow]'`)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI; unset: a local file store, <run.output_dir>/mlruns."""
+    mlflow_experiment: str = "fmray"
+    """MLflow experiment that holds the run (created if missing)."""
+
+    @model_validator(mode="after")
+    def _mlflow_installed(self) -> LoggingSection:
+        import importlib.util
+
+        if self.mlflow and importlib.util.find_spec("mlflow") is None:
+            raise ValueError(
+                "logging.mlflow=true needs MLflow: pip install 'fmray[mlflow]' (mlflow-skinny)"
+            )
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

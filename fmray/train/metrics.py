@@ -1,12 +1,19 @@
-"""Rank 0's record of a run: metrics.jsonl, TensorBoard and the progress line.
+"""Rank 0's record of a run: metrics.jsonl, TensorBoard, MLflow (optional) and the progress line.
+
+    fmray pretrain --config jobs/pretrain/tiny.yaml logging.mlflow=true   # + runs/mlruns
+    MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/mlruns  # (full mlflow)
 
 For a run folder in remote storage the files are written locally and uploaded every
-UPLOAD_EVERY_S seconds, at every evaluation and at the end.
+UPLOAD_EVERY_S seconds, at every evaluation and at the end. MLflow gets the same records
+(`logging.mlflow=true`): one MLflow run per fmray run, continued when the run resumes, in a
+local file store beside the run folders unless `logging.mlflow_tracking_uri` names another.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +26,7 @@ from fmray.config import LoggingSection
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_FILE = "mlflow_run_id"
 UPLOAD_EVERY_S = 30.0
 
 
@@ -73,6 +81,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(root / TENSORBOARD_DIR), purge_step=start_step + 1)
+        self.mlflow = MlflowRun(run_dir, logging) if logging.mlflow else None
         self.last_upload = time.monotonic()
 
     def log(self, metrics: dict[str, Any], max_steps: int) -> None:
@@ -83,6 +92,8 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if key != "step":
                     self.writer.add_scalar(f"train/{key}", value, step)
+        if self.mlflow:
+            self.mlflow.log(metrics)
         if self.progress and "reward_mean" in metrics:  # RL: what a rollout earned
             eta = (max_steps - step) * metrics["step_time_s"]
             sys.stdout.write(
@@ -121,9 +132,94 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+        if self.mlflow:
+            self.mlflow.close()
         if self.remote:
             self.upload()
             shutil.rmtree(self.local_dir or "", ignore_errors=True)
+
+
+class MlflowRun:
+    """One MLflow run per fmray run: the config as params, every record as metrics.
+
+    The run id is kept in <run dir>/mlflow_run_id, so a resumed run logs into the same MLflow
+    run (MLflow keeps each step's newest value). Written through MlflowClient, not MLflow's
+    global active run, so nothing else in the process is touched.
+    """
+
+    def __init__(self, run_dir: str, logging: LoggingSection) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = logging.mlflow_tracking_uri or default_tracking_uri(run_dir)
+        if "://" not in uri or uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless asked; fmray's default is that local store.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        self.tracking_uri = uri
+        id_file = storage.join(run_dir, MLFLOW_RUN_FILE)
+        if storage.is_file(id_file):
+            self.run_id = storage.read_text(id_file).strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(logging.mlflow_experiment)
+        if experiment is None:
+            experiment_id = self.client.create_experiment(logging.mlflow_experiment)
+        else:
+            experiment_id = experiment.experiment_id
+        name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        storage.write_text(id_file, self.run_id + "\n")
+        self.client.set_tag(self.run_id, "fmray.run_dir", run_dir)
+        config_file = storage.join(run_dir, "config.yaml")
+        if storage.is_file(config_file):
+            self.log_config(storage.read_text(config_file))
+
+    def log_config(self, text: str) -> None:
+        """The resolved config as dotted params (train.lr = 0.001)."""
+        import yaml
+        from mlflow.entities import Param
+
+        flat: dict[str, Any] = {}
+        flatten(yaml.safe_load(text) or {}, "", flat)
+        params = [Param(key, str(value)[:6000]) for key, value in flat.items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        step = int(metrics.get("step", 0))
+        batch = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if key != "step"
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def default_tracking_uri(run_dir: str) -> str:
+    """A file store beside the run folders: <run.output_dir>/mlruns."""
+    if storage.is_remote(run_dir):
+        raise ValueError(
+            f"logging.mlflow_tracking_uri must be set when the run folder {run_dir} is remote"
+        )
+    return (Path(run_dir).resolve().parent / "mlruns").as_uri()
+
+
+def flatten(tree: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flatten(value, f"{prefix}{key}.", out)
+        else:
+            out[f"{prefix}{key}"] = value
 
 
 def print_line(text: str) -> None:
