@@ -1,7 +1,14 @@
-"""Reliability of serving: fuzzed and hostile requests, load, overload and disconnects, one table.
+"""Reliability in one table: training and serving faults survived, hostile input refused, load held.
 
-    python bench/reliability.py                       # tiny preset, CPU, ~5 minutes
+    python bench/reliability.py                       # tiny presets, CPU, ~40 minutes
+    python bench/reliability.py --skip-fault-tests    # serving only, ~5 minutes
     python bench/reliability.py --load-seconds 20 --fuzz-examples 60    # a shorter run
+
+Fault rows come from the fault tests themselves (pytest, the `faults` marker and the suite's
+kill tests), run here and read back from their JUnit report: ten random worker kills and a
+driver kill against the uninterrupted run, a damaged checkpoint and its fallback, disk full,
+2 -> 1 -> 2 workers for ZeRO 0/2/3, PPO / GRPO / diffusion worker kills, a Tune driver kill and
+a model replica killed under load; each row carries the figures the test recorded.
 
 In-process (the same ASGI app as on Serve, real HTTP, the tiny model's engine): schemathesis
 cases from the API's OpenAPI schema, and the hand-written hostile cases of
@@ -43,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--fuzz-examples", type=int, default=220, help="per operation and mode")
     parser.add_argument("--streams", type=int, default=100, help="streams dropped mid-way")
+    parser.add_argument("--skip-fault-tests", action="store_true", help="serving rows only")
     return parser.parse_args()
 
 
@@ -240,6 +248,97 @@ def serve_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, str
         ray.shutdown()
 
 
+# (row, pytest node id): the fault tests whose outcome and recorded figures make a row each.
+FAULT_TESTS = [
+    (
+        "10 random worker kills + driver kill (pretrain)",
+        "tests/ray/test_pretrain.py::"
+        "test_ten_random_kills_and_a_killed_driver_equal_the_uninterrupted_run",
+    ),
+    (
+        "damaged checkpoint, fallback, worker kill (pretrain)",
+        "tests/ray/test_pretrain.py::test_cli_resume_and_killed_worker_equal_the_uninterrupted_run",
+    ),
+    *(
+        (
+            f"2 -> 1 -> 2 workers, ZeRO-{stage}",
+            f"tests/ray/test_pretrain.py::test_worker_count_changes_2_1_2[{stage}]",
+        )
+        for stage in (0, 2, 3)
+    ),
+    (
+        "disk full while checkpointing",
+        "tests/unit/test_training_faults.py::"
+        "test_disk_full_stops_the_save_and_keeps_the_previous_checkpoint",
+    ),
+    (
+        "damaged / partial checkpoint files named",
+        "tests/unit/test_training_faults.py::test_a_truncated_or_corrupted_file_is_named_never_loaded",
+    ),
+    (
+        "PPO worker kill",
+        "tests/ray/test_rl.py::test_ppo_with_reward_model_zero3_survives_a_killed_worker",
+    ),
+    (
+        "GRPO worker kill vs uninterrupted",
+        "tests/ray/test_rl.py::test_grpo_killed_worker_group_resumes_as_the_uninterrupted_run",
+    ),
+    (
+        "diffusion worker kill vs uninterrupted",
+        "tests/ray/test_diffusion_faults.py::"
+        "test_killed_worker_group_resumes_as_the_uninterrupted_run",
+    ),
+    (
+        "Tune driver killed mid-search",
+        "tests/ray/test_tune_plumbing.py::"
+        "test_search_whose_driver_is_killed_resumes_with_the_same_command",
+    ),
+    (
+        "model replica killed under load (16 OpenAI clients)",
+        "tests/ray/test_serve_faults.py::test_a_killed_replica_under_load_loses_under_one_percent",
+    ),
+]
+
+
+def fault_test_rows() -> list[tuple[str, str, bool]]:
+    """Runs the fault tests in one pytest session and reads their outcomes and figures back."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    with tempfile.TemporaryDirectory(prefix="fmray-faults-") as folder:
+        report = Path(folder) / "faults.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command += ["-m", "faults or not faults", f"--junitxml={report}"]
+        command += [node for _, node in FAULT_TESTS]
+        print(f"[bench] running {len(FAULT_TESTS)} fault tests (tens of minutes) ...", flush=True)
+        subprocess.run(command, cwd=REPO_ROOT, check=False)
+        cases = {}
+        if report.exists():
+            for case in ET.parse(report).getroot().iter("testcase"):
+                module = case.get("classname", "").replace(".", "/") + ".py"
+                cases[f"{module}::{case.get('name')}"] = case
+    rows = []
+    for name, node in FAULT_TESTS:
+        case = cases.get(node)
+        if case is None:
+            rows.append((name, "did not run", False))
+            continue
+        failure = case.find("failure")
+        if failure is None:  # an Element without children is falsy: compare with None
+            failure = case.find("error")
+        skipped = case.find("skipped")
+        figures = "; ".join(p.get("value", "") for p in case.iter("property"))
+        seconds = float(case.get("time", 0))
+        if failure is not None:
+            detail = f"FAILED: {failure.get('message', '')[:160]}"
+        elif skipped is not None:
+            detail = f"skipped: {skipped.get('message', '')[:160]}"
+        else:
+            detail = f"{figures or 'passed'} ({seconds:.0f} s)"
+        rows.append((name, detail, failure is None and skipped is None))
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -248,6 +347,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fmray-reliability-") as folder:
         model_dir = tiny_model(Path(folder))
         rows = in_process_rows(model_dir, args.fuzz_examples) + serve_rows(model_dir, args)
+    if not args.skip_fault_tests:
+        rows += fault_test_rows()
     print("\n| check | result | ok |\n| --- | --- | --- |")
     for name, detail, ok in rows:
         print(f"| {name} | {detail} | {'yes' if ok else 'NO'} |")

@@ -141,7 +141,7 @@ def test_grpo_cli_raises_the_rule_reward(
 
 
 def test_ppo_with_reward_model_zero3_survives_a_killed_worker(
-    sft_run: Any, reward_run: Any, tmp_path: Path
+    sft_run: Any, reward_run: Any, tmp_path: Path, record_property: Any
 ) -> None:
     sft_model = Path(sft_run.checkpoint.path) / "hf"
     reward_model = Path(reward_run.checkpoint.path).parent  # a run folder: its newest export
@@ -188,3 +188,58 @@ def test_ppo_with_reward_model_zero3_survives_a_killed_worker(
     checkpoint = Path(result.checkpoint.path)
     meta = json.loads((checkpoint / "fmray.json").read_text())
     assert meta["modules"] == ["model", "critic"] and meta["resumed_from_step"] == 4
+    record_property("ppo_kill", "1 worker kill (ZeRO-3), resumed from step 4, steps 1-8 once")
+
+
+@pytest.mark.faults  # two fits: `make test-faults`
+def test_grpo_killed_worker_group_resumes_as_the_uninterrupted_run(
+    sft_run: Any, tmp_path: Path, record_property: Any
+) -> None:
+    """GRPO (ZeRO-2) loses a worker right after its step-4 checkpoint; the restarted group
+    resumes from it and ends with the uninterrupted run's rewards, losses and policy."""
+    from safetensors.torch import load_file
+
+    from fmray.rl import grpo
+
+    sft_model = Path(sft_run.checkpoint.path) / "hf"
+    train_file, eval_file = write_prompts(tmp_path, 16, 16)
+
+    def config(name: str) -> grpo.GRPOConfig:
+        tree = {
+            "run": {"name": name, "output_dir": str(tmp_path)},
+            "model": {"path": str(sft_model)},
+            "data": {"source": str(train_file), "eval_source": str(eval_file)},
+            "rollout": {"prompts_per_step": 8, "samples_per_prompt": 4, "max_new_tokens": 12},
+            "reward": {"rule": "fmray.rl.rewards:exact_match"},
+            "train": {"max_steps": 8, "micro_batch_size": 16, "lr": 2e-4, "eval_every": 8},
+            "eval": {"num_examples": 16},
+            "checkpoint": {"every_steps": 4},
+            "scaling": {"num_workers": 2, "max_failures": 1},
+            "logging": {"tensorboard": False},
+        }
+        return validate_config(grpo.GRPOConfig, tree)
+
+    reference = grpo.run(config("whole"))
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=kill_once_registered, args=(tmp_path / "killed", "checkpoint_00000004", killed)
+    )
+    killer.start()
+    result = grpo.run(config("killed"))
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    assert result.error is None and result.metrics["step"] == 8
+    meta = json.loads((Path(result.checkpoint.path) / "fmray.json").read_text())
+    assert meta["resumed_from_step"] == 4
+
+    whole, resumed = records(tmp_path / "whole"), records(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole]  # nothing lost or doubled
+    for before, after in zip(whole, resumed, strict=True):
+        for key in ("reward_mean", "loss", "kl", "val_exact_match"):
+            if key in before:
+                assert after[key] == pytest.approx(before[key], abs=1e-6), (before["step"], key)
+    expected = load_file(str(Path(reference.checkpoint.path) / "hf" / "model.safetensors"))
+    got = load_file(str(Path(result.checkpoint.path) / "hf" / "model.safetensors"))
+    diff = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    record_property("grpo_kill", f"1 worker kill, resumed from step 4, max weight diff {diff:.1e}")
+    assert diff <= 1e-6

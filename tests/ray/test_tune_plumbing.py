@@ -131,7 +131,7 @@ main(sys.argv[1:])
 
 
 def test_search_whose_driver_is_killed_resumes_with_the_same_command(
-    ray_cluster: Any, tmp_path: Path
+    ray_cluster: Any, tmp_path: Path, record_property: Any
 ) -> None:
     """`fmray tune` SIGKILLed mid-search, then run again: the search continues where it was
     (finished trials are not run again) and ends with the uninterrupted search's results."""
@@ -184,3 +184,4 @@ def test_search_whose_driver_is_killed_resumes_with_the_same_command(
     # The trial that had finished before the kill was not run again: one line per step.
     steps = [json.loads(line)["step"] for line in (finished_trial / "run/metrics.jsonl").open()]
     assert steps == list(range(1, 9))
+    record_property("tune_driver_kill", "driver SIGKILLed mid-search; resumed, same best trial")

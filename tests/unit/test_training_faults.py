@@ -144,7 +144,7 @@ def small_tmpfs(path: Path, size_bytes: int) -> Iterator[Path]:
 
 
 def test_disk_full_stops_the_save_and_keeps_the_previous_checkpoint(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, record_property: Any
 ) -> None:
     engine = engine_for(tiny_model_dir, 2)
     train_step(engine, 0)
@@ -162,6 +162,7 @@ def test_disk_full_stops_the_save_and_keeps_the_previous_checkpoint(
         assert load_checkpoint(first, {"model": fresh}, "causal_lm") == 1
         for key, value in weights(fresh).items():
             assert torch.equal(value, expected[key]), key
+    record_property("disk_full", "one-line error naming the disk; previous checkpoint loads")
 
 
 def test_rng_states_round_trip_with_weights_only(tmp_path: Path) -> None:
