@@ -414,7 +414,16 @@ def _describe_field(
         type_name = getattr(field.annotation, "__name__", type_name)
     if value is not _UNSET:
         value = _as_field_type(field, value)
-    return [f"  {key} ({type_name}, {_value_text(default, value, layers, path)}): {about}"]
+    shown = _value_text(default, value, layers, path)
+    if is_secret(field) and (value not in (_UNSET, None) or default not in (None, _REQUIRED)):
+        shown = "set, not shown"  # help output lands in terminals, CI logs and issue reports
+    return [f"  {key} ({type_name}, {shown}): {about}"]
+
+
+def is_secret(field: FieldInfo) -> bool:
+    """A field declared with `json_schema_extra={"secret": True}` (an API key, a token)."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("secret") is True
 
 
 def _as_field_type(field: FieldInfo, value: Any) -> Any:

@@ -110,7 +110,7 @@ class ServerSection(Section):
     """Serve application name."""
     route_prefix: str = "/"
     """URL prefix of the app (the OpenAI base URL is <prefix>/v1)."""
-    api_key: str | None = None
+    api_key: str | None = Field(None, json_schema_extra={"secret": True})
     """Require `Authorization: Bearer <api_key>` on /v1/* (default: $FMRAY_API_KEY if set)."""
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Largest accepted request body; larger ones get 413."""

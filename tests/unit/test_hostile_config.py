@@ -5,6 +5,8 @@ python -m pytest -q tests/unit/test_hostile_config.py
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +66,16 @@ def test_non_utf8_file_and_broken_override(tmp_path: Path) -> None:
         "config error: override 'train.max_steps=[1' column 3: invalid YAML: expected ',' or ']',"
         " but got '<stream end>' (while parsing a flow sequence at column 1)\n"
     )
+
+
+def test_help_never_prints_the_api_key(tmp_path: Path) -> None:
+    from fmray.cli import main
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("serve:\n  api_key: sk-from-the-file-1f3a\n")
+    for args in (["--config", str(path)], ["serve.api_key=sk-from-the-line-77c2"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(["serve", *args, "--help"])
+        line = next(line for line in out.getvalue().splitlines() if "serve.api_key" in line)
+        assert "set, not shown" in line and "sk-from" not in out.getvalue()
