@@ -98,6 +98,7 @@ COMMANDS: dict[str, Recipe | Tool] = {
     "submit": Tool("fmray.ops.submit", "main", "run a command as a job on a Ray cluster"),
     "jobs": Tool("fmray.ops.jobs", "main", "list, follow, inspect or stop a cluster's jobs"),
     "report": Tool("fmray.report", "main", "loss and metric curves (PNG) and a summary of runs"),
+    "doctor": Tool("fmray.doctor", "main", "check this environment for what breaks a run"),
 }
 
 
