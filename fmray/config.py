@@ -168,6 +168,25 @@ class ScalingSection(Section):
     """CPUs reserved per worker."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts from the newest checkpoint (-1: unlimited)."""
+    memory_check: bool = True
+    """Before Ray starts, plan per-worker memory (`fmray plan`) and stop a run that will not fit."""
+    device_memory: str | None = None
+    """One worker's device memory for that check, e.g. 80GiB; unset: this machine's GPU, or on
+    CPU the available host memory / num_workers (a GPU run submitted from a CPU host skips it)."""
+
+    @model_validator(mode="after")
+    def _device_memory_is_a_size(self) -> ScalingSection:
+        if self.device_memory is not None:
+            from fmray.distributed.planner import parse_size
+
+            try:
+                parse_size(self.device_memory)
+            except ConfigError:
+                raise ValueError(
+                    f"scaling.device_memory={self.device_memory!r} is not a size "
+                    "(e.g. 80GiB, 141GB, 24G)"
+                ) from None
+        return self
 
 
 class LoggingSection(Section):

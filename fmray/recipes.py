@@ -97,6 +97,7 @@ COMMANDS: dict[str, Recipe | Tool] = {
     "export": Tool("fmray.export", "main", "write the HF directory of a checkpoint"),
     "submit": Tool("fmray.ops.submit", "main", "run a command as a job on a Ray cluster"),
     "jobs": Tool("fmray.ops.jobs", "main", "list, follow, inspect or stop a cluster's jobs"),
+    "plan": Tool("fmray.plan", "main", "per-worker memory of a training config, and what fits"),
     "report": Tool("fmray.report", "main", "loss and metric curves (PNG) and a summary of runs"),
     "doctor": Tool("fmray.doctor", "main", "check this environment for what breaks a run"),
 }

@@ -225,10 +225,12 @@ def run_rl(
 ) -> Any:
     """The driver of `fmray ppo` / `fmray grpo`: check, prepare, fit, summary."""
     from fmray import storage
+    from fmray.distributed.planner import check_memory
     from fmray.distributed.runtime import init_ray
     from fmray.train.launch import build_trainer, checkpoint_location, fit, print_summary
 
     check_inputs(config, {"critic": critic})
+    check_memory(config)  # the planner: a run that will not fit stops before Ray starts
     plan = prepare_rl_run(config, critic)  # before Ray: a bad prompt fails here
     init_ray(
         address, config.scaling.num_workers * config.scaling.cpus_per_worker, config.logging.verbose

@@ -254,10 +254,12 @@ def build_trainer(
 
 def run(config: RewardConfig, address: str | None = None) -> Any:
     from fmray import storage
+    from fmray.distributed.planner import check_memory
     from fmray.distributed.runtime import init_ray
     from fmray.train.launch import checkpoint_location, fit, print_summary
 
     check_inputs(config)
+    check_memory(config)  # the planner: a run that will not fit stops before Ray starts
     plan = prepare_run(config)  # before Ray: a bad record fails here
     required_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
     init_ray(address, required_cpus, config.logging.verbose)

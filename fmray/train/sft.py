@@ -317,10 +317,12 @@ def build_trainer(config: SFTConfig, plan: SFTPlan, callbacks: list[Any] | None 
 
 
 def run(config: SFTConfig, address: str | None = None) -> Any:
+    from fmray.distributed.planner import check_memory
     from fmray.distributed.runtime import init_ray
     from fmray.train.launch import checkpoint_location, fit, print_summary
 
     check_inputs(config)
+    check_memory(config)  # the planner: a run that will not fit stops before Ray starts
     required_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
     init_ray(address, required_cpus, config.logging.verbose)
     plan = prepare_run(config)
