@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Trains the tokenizer, packs the corpus and pretrains (re-running resumes the finished run).
+# The lifecycle on built-in data: tokenizer, pretrain, SFT, reward model, DPO, GRPO, Tune,
+# diffusion, serving with real requests, reports (runs/quickstart/index.html); re-running reuses
+# finished stages. QUICKSTART_ARGS=--keep-serving leaves the endpoint up.
 quickstart: $(STAMP)
-	$(BIN)/fmray pretrain --config jobs/pretrain/tiny.yaml
+	$(BIN)/fmray quickstart $(QUICKSTART_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -61,7 +63,7 @@ bench-reliability: $(STAMP)
 
 # Searches start from the quickstart's pretrained tiny model.
 bench-tune: quickstart
-	$(BIN)/python bench/tune_efficiency.py --model runs/pretrain-tiny
+	$(BIN)/python bench/tune_efficiency.py --model runs/quickstart/pretrain
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -100,6 +100,7 @@ COMMANDS: dict[str, Recipe | Tool] = {
     "plan": Tool("fmray.plan", "main", "per-worker memory of a training config, and what fits"),
     "report": Tool("fmray.report", "main", "loss and metric curves (PNG) and a summary of runs"),
     "doctor": Tool("fmray.doctor", "main", "check this environment for what breaks a run"),
+    "quickstart": Tool("fmray.quickstart", "main", "the lifecycle end to end, with reports"),
 }
 
 
