@@ -3,11 +3,14 @@
     fmray serve --config jobs/serve/llm_tiny.yaml                    # embedded local Ray, CPU
     fmray serve --config jobs/serve/llm_tiny.yaml serve.port=8001 autoscaling.max_replicas=2
     fmray serve --config jobs/serve/llm_tiny.yaml --address auto     # a running Ray cluster
+    fmray serve --config jobs/serve/image_tiny.yaml                  # a diffusion model: /v1/images
+    fmray serve --config jobs/serve/combined_tiny.yaml               # LLM and image model together
     serve run jobs/serve/llm_tiny_app.yaml                           # Serve's own CLI
     serve run fmray.serve.app:build_app config=jobs/serve/llm_tiny.yaml serve.port=8001
 
 The app is one FastAPI ingress (`OpenAIIngress`) plus one deployment per model
-(`LLMDeployment`, named llm-<model>), each with its own replicas, resources and autoscaling.
+(`LLMDeployment` named llm-<model>, `ImageDeployment` named image-<model>), each with its own
+replicas, resources and autoscaling.
 `build_app(args)` is the import path for `serve run` / `serve deploy` YAML / KubeRay RayService.
 """
 
@@ -30,6 +33,8 @@ from fmray.serve.config import (
     AutoscalingSection,
     DeploymentSection,
     EngineSection,
+    ImageEngineSection,
+    ImageModelEntry,
     ModelEntry,
     ModelName,
     ServerSection,
@@ -42,22 +47,42 @@ class ServeConfig(Section):
     models: dict[ModelName, ModelEntry] = Field(
         default_factory=lambda: {"tiny": ModelEntry(path="runs/pretrain-tiny")}
     )
-    """By request `model` name: models.<name>.path (HF dir or fmray run), .tokenizer, .engine..."""
+    """LLMs by request `model` name: models.<name>.path (HF dir or fmray run), .engine..."""
+    image_models: dict[ModelName, ImageModelEntry] = {}
+    """Image models by request `model` name: image_models.<name>.path (diffusers dir or run)."""
     serve: ServerSection = ServerSection()
     engine: EngineSection = EngineSection()
+    image_engine: ImageEngineSection = ImageEngineSection()
+    """Engine settings of every image model (batching, default steps and guidance, sizes)."""
     deployment: DeploymentSection = DeploymentSection()
     autoscaling: AutoscalingSection = AutoscalingSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _images_only(cls, data: Any) -> Any:
+        """A config that names image models and no `models` serves no LLM (not the default)."""
+        if isinstance(data, dict) and data.get("image_models") and "models" not in data:
+            return {**data, "models": {}}
+        return data
+
     @model_validator(mode="after")
     def _some_model(self) -> ServeConfig:
-        if not self.models:
-            raise ValueError("models is empty: name at least one (models.<name>.path=<HF dir>)")
+        if not self.models and not self.image_models:
+            raise ValueError(
+                "models is empty: name at least one (models.<name>.path=<HF dir>, or "
+                "image_models.<name>.path=<diffusers dir>)"
+            )
+        both = sorted(set(self.models) & set(self.image_models))
+        if both:
+            raise ValueError(
+                f"image_models.{both[0]} is also in models: a request's `model` names one model"
+            )
         return self
 
 
 def build_application(config: ServeConfig) -> Application:
-    """The Serve application: ingress bound to one LLMDeployment per model."""
-    from fmray.serve.deployment import LLMDeployment, deployment_name, llm_options
+    """The Serve application: ingress bound to one LLMDeployment / ImageDeployment per model."""
+    from fmray.serve.deployment import ImageDeployment, LLMDeployment, deployment_name, llm_options
     from fmray.serve.ingress import OpenAIIngress
 
     models = {}
@@ -73,12 +98,26 @@ def build_application(config: ServeConfig) -> Application:
             engine.model_dump(mode="json"),
             deployment.model_dump(mode="json"),
         )
+    image_models = {}
+    for name, entry in config.image_models.items():
+        deployment = entry.deployment or config.deployment
+        autoscaling = entry.autoscaling or config.autoscaling
+        image_models[name] = ImageDeployment.options(
+            name=deployment_name(name, "image"), **llm_options(deployment, autoscaling)
+        ).bind(
+            name,
+            entry.model_dump(mode="json"),
+            (entry.engine or config.image_engine).model_dump(mode="json"),
+            deployment.model_dump(mode="json"),
+        )
     server = config.serve
     return OpenAIIngress.options(
         num_replicas=server.ingress_replicas,
         ray_actor_options={"num_cpus": server.ingress_num_cpus},
         max_ongoing_requests=10_000,  # it only awaits model replicas; they apply the limits
-    ).bind(models, server.api_key or os.environ.get(API_KEY_ENV), server.max_body_bytes)
+    ).bind(
+        models, server.api_key or os.environ.get(API_KEY_ENV), server.max_body_bytes, image_models
+    )
 
 
 class InProcessAPI:
@@ -86,7 +125,7 @@ class InProcessAPI:
     model code as on Serve, for tests and the reliability bench. `close()` stops the engines."""
 
     def __init__(self, config: ServeConfig) -> None:
-        from fmray.serve.deployment import LLMDeployment
+        from fmray.serve.deployment import ImageDeployment, LLMDeployment
         from fmray.serve.ingress import InProcessModel, build_api
 
         self.models = {}
@@ -97,12 +136,21 @@ class InProcessAPI:
                 (entry.engine or config.engine).model_dump(mode="json"),
                 (entry.deployment or config.deployment).model_dump(mode="json"),
             )
+        self.image_models = {}
+        for name, entry in config.image_models.items():
+            self.image_models[name] = ImageDeployment.func_or_class(
+                name,
+                entry.model_dump(mode="json"),
+                (entry.engine or config.image_engine).model_dump(mode="json"),
+                (entry.deployment or config.deployment).model_dump(mode="json"),
+            )
         clients = {name: InProcessModel(model) for name, model in self.models.items()}
+        images = {name: InProcessModel(model) for name, model in self.image_models.items()}
         api_key = config.serve.api_key or os.environ.get(API_KEY_ENV)
-        self.asgi = build_api(clients, api_key, config.serve.max_body_bytes)
+        self.asgi = build_api(clients, api_key, config.serve.max_body_bytes, images)
 
     def close(self) -> None:
-        for model in self.models.values():
+        for model in [*self.models.values(), *self.image_models.values()]:
             model.server.shutdown(drain_timeout_s=5.0)
 
     @contextmanager
@@ -146,6 +194,7 @@ def check_model_paths(config: ServeConfig) -> ServeConfig:
     """Fail before Ray starts when a model folder is missing (one line naming the key); return
     the config with absolute paths, which replicas resolve the same from any directory."""
     from fmray import storage
+    from fmray.serve.denoise import find_pipeline_dir
     from fmray.serve.loading import PickleWeightsError, find_servable_dir
 
     models = {}
@@ -160,13 +209,23 @@ def check_model_paths(config: ServeConfig) -> ServeConfig:
         except PickleWeightsError as err:
             raise ConfigError(f"config error: models.{name}.path: {err}") from None
         models[name] = entry.model_copy(update={"path": storage.resolve(entry.path)})
-    return config.model_copy(update={"models": models})
+    image_models = {}
+    for name, entry in config.image_models.items():
+        try:
+            find_pipeline_dir(entry.path)
+        except FileNotFoundError as err:
+            raise ConfigError(
+                f"config error: image_models.{name}.path={entry.path!r}: {err} "
+                "(train one with `fmray diffusion --config jobs/diffusion/tiny.yaml`)"
+            ) from None
+        image_models[name] = entry.model_copy(update={"path": storage.resolve(entry.path)})
+    return config.model_copy(update={"models": models, "image_models": image_models})
 
 
 def required_cpus(config: ServeConfig) -> float:
     """CPUs the app holds at its largest: every model at max_replicas, plus the ingress."""
     total = config.serve.ingress_num_cpus * config.serve.ingress_replicas
-    for entry in config.models.values():
+    for entry in [*config.models.values(), *config.image_models.values()]:
         replicas = (entry.autoscaling or config.autoscaling).max_replicas
         total += replicas * (entry.deployment or config.deployment).num_cpus
     return total
@@ -182,7 +241,8 @@ def run(config: ServeConfig, address: str | None = None) -> None:
         config = check_model_paths(config)
     init_ray(address, required_cpus(config))
     server = config.serve
-    print(f"[fmray] deploying {', '.join(config.models)} (loading weights into each replica)")
+    names = [*config.models, *config.image_models]
+    print(f"[fmray] deploying {', '.join(names)} (loading weights into each replica)")
     serve.start(http_options={"host": server.host, "port": server.port})
     serve.run(build_application(config), name=server.app_name, route_prefix=server.route_prefix)
     print_usage(config)
@@ -209,13 +269,20 @@ def print_usage(config: ServeConfig) -> None:
     server = config.serve
     host = "localhost" if server.host in ("0.0.0.0", "127.0.0.1") else server.host
     base = f"http://{host}:{server.port}{server.route_prefix.rstrip('/')}"
-    model = next(iter(config.models))
     auth = ""
     if server.api_key or os.environ.get(API_KEY_ENV):
         auth = f" -H 'Authorization: Bearer ${API_KEY_ENV}'"
-    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-    print(f"[fmray] serving {len(config.models)} model(s): {', '.join(config.models)}")
+    names = [*config.models, *config.image_models]
+    print(f"[fmray] serving {len(names)} model(s): {', '.join(names)}")
     print(f"  OpenAI base URL  {base}/v1   (health: {base}/health)")
-    print(f"  try              curl {base}/v1/chat/completions{auth} \\")
-    print(f"                     -H 'Content-Type: application/json' -d '{body}'")
+    if config.models:
+        model = next(iter(config.models))
+        body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+        print(f"  try              curl {base}/v1/chat/completions{auth} \\")
+        print(f"                     -H 'Content-Type: application/json' -d '{body}'")
+    if config.image_models:
+        model = next(iter(config.image_models))
+        body = f'{{"model": "{model}", "prompt": "a red circle on the left", "seed": 1}}'
+        print(f"  images           curl {base}/v1/images/generations{auth} \\")
+        print(f"                     -H 'Content-Type: application/json' -d '{body}'")
     print("  stop             Ctrl-C")

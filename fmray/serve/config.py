@@ -124,3 +124,47 @@ class ServerSection(Section):
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix={self.route_prefix!r} must start with '/'")
         return self
+
+
+SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+
+
+class ImageEngineSection(Section):
+    max_batch_size: int = Field(8, ge=1, le=256)
+    """Images denoised together in one loop (requests with the same size and steps share it)."""
+    max_waiting: int = Field(64, ge=0)
+    """Images queued for a batch per replica; beyond it: 429 with Retry-After."""
+    batch_wait_s: float = Field(0.01, ge=0.0, le=10.0)
+    """How long a new batch waits for more requests to join before its loop starts."""
+    num_inference_steps: int = Field(20, ge=1)
+    """Denoising steps of a request that does not set num_inference_steps."""
+    max_inference_steps: int = Field(100, ge=1)
+    """Largest num_inference_steps a request may ask for (bounds one batch's time)."""
+    guidance_scale: float = Field(4.0, ge=0.0)
+    """Classifier-free guidance of a request that does not set guidance_scale (<= 1: off)."""
+    sizes: list[Annotated[str, Field(pattern=SIZE_PATTERN)]] = []
+    """Sizes ('WxH') served besides the model's native one; each must suit the UNet's strides."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: auto is float32 on CPU and float16 on GPU."""
+    stall_timeout_s: float = Field(300.0, gt=0.0)
+    """check_health fails when one denoising loop runs longer than this."""
+
+    @model_validator(mode="after")
+    def _steps(self) -> ImageEngineSection:
+        if self.num_inference_steps > self.max_inference_steps:
+            raise ValueError(
+                f"num_inference_steps={self.num_inference_steps} is above "
+                f"max_inference_steps={self.max_inference_steps}"
+            )
+        return self
+
+
+class ImageModelEntry(Section):
+    path: str
+    """Diffusers pipeline directory, or an fmray diffusion run / checkpoint (newest pipeline/)."""
+    engine: ImageEngineSection | None = None
+    """This model's engine settings (default: the top-level image_engine section)."""
+    deployment: DeploymentSection | None = None
+    """This model's replica settings (default: the top-level deployment section)."""
+    autoscaling: AutoscalingSection | None = None
+    """This model's autoscaling (default: the top-level autoscaling section)."""

@@ -1,7 +1,10 @@
-"""The per-model Serve deployment: each replica owns one model and its continuous-batching engine.
+"""The per-model Serve deployments: each replica owns one model and its batching engine
+(`LLMDeployment`: continuous batching of tokens; `ImageDeployment`: one denoising loop for the
+concurrent image requests of a size and step count).
 
     fmray serve --config jobs/serve/llm_tiny.yaml           # one LLMDeployment per model
-    serve status                                            # replicas of llm-<model>
+    fmray serve --config jobs/serve/image_tiny.yaml         # one ImageDeployment per image model
+    serve status                                            # replicas of llm-<model>, image-<model>
 
 The ingress calls it through a DeploymentHandle, so Serve's `max_ongoing_requests`,
 `max_queued_requests` (-> BackPressureError -> 503 + Retry-After) and autoscaling on ongoing
@@ -18,8 +21,17 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from fmray.serve.config import AutoscalingSection, DeploymentSection, EngineSection, ModelEntry
+from fmray.serve.config import (
+    AutoscalingSection,
+    DeploymentSection,
+    EngineSection,
+    ImageEngineSection,
+    ImageModelEntry,
+    ModelEntry,
+)
 from fmray.serve.errors import APIError
+from fmray.serve.image_schemas import ImageGenerationRequest
+from fmray.serve.images import ImageServer
 from fmray.serve.llm import LLMServer, set_torch_threads
 from fmray.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -85,6 +97,46 @@ class LLMDeployment:
             server.shutdown(drain_timeout_s=min(self.drain_timeout_s, 10.0))
 
 
+@serve.deployment
+class ImageDeployment:
+    def __init__(self, name: str, entry: dict[str, Any], engine: dict, deployment: dict) -> None:
+        model = ImageModelEntry.model_validate(entry)
+        replica = DeploymentSection.model_validate(deployment)
+        set_torch_threads(replica.num_cpus)
+        self.drain_timeout_s = replica.graceful_shutdown_timeout_s
+        self.server = ImageServer.load(
+            name,
+            model.path,
+            ImageEngineSection.model_validate(engine),
+            num_gpus=replica.num_gpus,
+            retry_after_s=replica.retry_after_s,
+        ).start()
+        logger.info("serving image model %s from %s", name, self.server.model_dir)
+
+    async def images(self, request: ImageGenerationRequest) -> dict | APIError:
+        try:
+            return await self.server.generate(request)
+        except APIError as err:  # a value, as LLMDeployment's client errors
+            return err
+
+    def card(self) -> dict:
+        return self.server.card().model_dump()
+
+    def ping(self) -> dict:
+        """Liveness plus load, for the ingress's /health."""
+        self.server.engine.check_health()
+        return {"replica": _replica_id(), **self.server.engine.stats()}
+
+    def check_health(self) -> None:
+        """Serve restarts the replica when this raises (engine thread dead or a loop stalled)."""
+        self.server.engine.check_health()
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.shutdown(drain_timeout_s=min(self.drain_timeout_s, 10.0))
+
+
 async def _errors_as_values(chunks: AsyncIterator[str]) -> AsyncIterator[str | APIError]:
     async with aclosing(chunks):  # type: ignore[type-var]
         try:
@@ -101,9 +153,10 @@ def _replica_id() -> str:
         return "in-process"
 
 
-def deployment_name(model: str) -> str:
-    """A Serve deployment name for a model name (which may hold '/', ':' or '.')."""
-    return "llm-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in model)
+def deployment_name(model: str, kind: str = "llm") -> str:
+    """A Serve deployment name for a model name (which may hold '/', ':' or '.'): llm-<model>,
+    or image-<model> for kind "image"."""
+    return f"{kind}-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in model)
 
 
 def llm_options(deployment: DeploymentSection, autoscaling: AutoscalingSection) -> dict[str, Any]:

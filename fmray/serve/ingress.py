@@ -3,13 +3,16 @@
     curl localhost:8000/v1/models
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+    curl localhost:8000/v1/images/generations -H 'Content-Type: application/json' \
+        -d '{"model": "shapes", "prompt": "a red circle on the left", "seed": 1}'
 
-`build_api(models, api_key, max_body_bytes)` is the whole API as a plain ASGI app: it checks
-the key, the content type, the body size and the schema, then forwards the parsed request to
-the model by `model` name. On Ray Serve the models are DeploymentHandles (`OpenAIIngress`);
-the tests and the reliability bench run the same app in-process over `InProcessModel`s. Every
-failure, wherever it happened, leaves as OpenAI's error JSON with its status (and Retry-After
-on overload).
+`build_api(models, api_key, max_body_bytes, image_models)` is the whole API as a plain ASGI
+app: it checks the key, the content type, the body size and the schema, then forwards the
+parsed request to the model by `model` name (LLMs for the text routes, image models for
+/v1/images/generations; /v1/models and /health list both). On Ray Serve the models are
+DeploymentHandles (`OpenAIIngress`); the tests and the reliability bench run the same app
+in-process over `InProcessModel`s. Every failure, wherever it happened, leaves as OpenAI's
+error JSON with its status (and Retry-After on overload).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from fmray.serve.errors import (
     overloaded,
     unwrap,
 )
+from fmray.serve.image_schemas import ImageGenerationRequest
 from fmray.serve.schemas import SSE_DONE, ChatCompletionRequest, CompletionRequest, ModelList, sse
 
 R = TypeVar("R", bound=BaseModel)
@@ -69,8 +73,16 @@ class ModelClient(Protocol):
     def stream(self, method: str, *args: Any) -> ChunkStream: ...
 
 
-def build_api(models: Mapping[str, ModelClient], api_key: str | None, max_body_bytes: int) -> Any:
-    """The OpenAI API over `models` (by request `model` name), as an ASGI app."""
+def build_api(
+    models: Mapping[str, ModelClient],
+    api_key: str | None,
+    max_body_bytes: int,
+    image_models: Mapping[str, ModelClient] | None = None,
+) -> Any:
+    """The OpenAI API over `models` (LLMs) and `image_models` (by request `model` name), as an
+    ASGI app."""
+    image_models = dict(image_models or {})
+    everything = {**models, **image_models}
     api = FastAPI(
         title="fmray",
         summary="OpenAI-compatible API over Ray Serve",
@@ -85,22 +97,29 @@ def build_api(models: Mapping[str, ModelClient], api_key: str | None, max_body_b
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(Exception, _unexpected_error)
 
-    def handle(model: str) -> ModelClient:
-        client = models.get(model)
+    def handle(model: str, kind: str = "llm") -> ModelClient:
+        """The client of `model` for a route of `kind`: 404 if nothing has that name, 400 if
+        the name belongs to the other kind (a chat request to an image model)."""
+        client = (models if kind == "llm" else image_models).get(model)
         if client is None:
             shown = model if len(model) <= SHOWN_NAME_CHARS else model[:SHOWN_NAME_CHARS] + "..."
-            message = f"The model {shown!r} does not exist (served: {', '.join(models)})."
+            if model in everything:
+                other = "an image model" if kind == "llm" else "a text model"
+                route = "/v1/images/generations" if kind == "llm" else "/v1/chat/completions"
+                message = f"The model {shown!r} is {other}: use {route}."
+                raise APIError(400, message, param="model", code="model_not_supported")
+            message = f"The model {shown!r} does not exist (served: {', '.join(everything)})."
             raise APIError(404, message, param="model", code="model_not_found")
         return client
 
     async def card(name: str) -> dict:
         if name not in cards:  # cached: the context length is known once a replica loaded
-            cards[name] = await _result(models[name].call("card"))
+            cards[name] = await _result(everything[name].call("card"))
         return cards[name]
 
     async def ping(name: str) -> dict:
         try:
-            state = await asyncio.wait_for(_result(models[name].call("ping")), PING_TIMEOUT_S)
+            state = await asyncio.wait_for(_result(everything[name].call("ping")), PING_TIMEOUT_S)
             return {"status": "ok", **state}
         except APIError as err:
             status = "overloaded" if err.status in (429, 503) and err.code == "overloaded" else None
@@ -110,7 +129,7 @@ def build_api(models: Mapping[str, ModelClient], api_key: str | None, max_body_b
 
     @api.get("/health", responses=ERRORS)
     async def health() -> JSONResponse:
-        names = list(models)
+        names = list(everything)
         states = await asyncio.gather(*(ping(name) for name in names))
         healthy = all(state["status"] != "unavailable" for state in states)
         return JSONResponse(
@@ -123,11 +142,12 @@ def build_api(models: Mapping[str, ModelClient], api_key: str | None, max_body_b
 
     @api.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models() -> JSONResponse:
-        return JSONResponse(ModelList(data=[await card(name) for name in models]).model_dump())
+        cards_ = [await card(name) for name in everything]
+        return JSONResponse(ModelList(data=cards_).model_dump())
 
     @api.get("/v1/models/{model:path}", responses=ERRORS)
     async def get_model(model: str) -> JSONResponse:
-        handle(model)
+        handle(model, "image" if model in image_models else "llm")
         return JSONResponse(await card(model))
 
     @api.post("/v1/completions", openapi_extra=_json_body(CompletionRequest), responses=ERRORS)
@@ -147,6 +167,16 @@ def build_api(models: Mapping[str, ModelClient], api_key: str | None, max_body_b
         if body.stream:
             return await _stream(model.stream("chat_stream", body))
         return JSONResponse(await _result(model.call("chat", body)))
+
+    @api.post(
+        "/v1/images/generations",
+        openapi_extra=_json_body(ImageGenerationRequest),
+        responses=ERRORS,
+    )
+    async def images_generations(request: Request) -> Any:
+        body = _parse(ImageGenerationRequest, await _read_json(request, max_body_bytes))
+        model = handle(body.model, "image")
+        return JSONResponse(await _result(model.call("images", body)))
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -342,7 +372,7 @@ def _openapi_document(api: FastAPI) -> dict[str, Any]:
     if api.openapi_schema is None:
         document = get_openapi(title=api.title, version="1", summary=api.summary, routes=api.routes)
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, ImageGenerationRequest):
             definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(definition.pop("$defs", {}))
             schemas[model.__name__] = definition
@@ -411,9 +441,16 @@ class _GeneratorStream:
 class OpenAIIngress:
     """The API on Serve: one FastAPI app per ingress replica, built when the replica starts."""
 
-    def __init__(self, models: dict[str, Any], api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        models: dict[str, Any],
+        api_key: str | None,
+        max_body_bytes: int,
+        image_models: dict[str, Any] | None = None,
+    ) -> None:
         clients = {name: ServeModel(handle) for name, handle in models.items()}
-        self.asgi = build_api(clients, api_key, max_body_bytes)
+        images = {name: ServeModel(handle) for name, handle in (image_models or {}).items()}
+        self.asgi = build_api(clients, api_key, max_body_bytes, images)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.asgi

@@ -263,6 +263,8 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")  # image models add type, sizes, max_images
+
     id: str
     object: Literal["model"] = "model"
     created: int
