@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fmray/torch_extensions
 
-.PHONY: install quickstart test test-faults test-unit test-ray lint format bench bench-train bench-serve bench-tune bench-reliability bench-rollout clean
+.PHONY: install quickstart test test-faults test-unit test-ray lint format bench bench-train bench-serve bench-serve-diffusion bench-tune bench-reliability bench-rollout clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,13 +47,16 @@ test-unit: $(STAMP)
 test-ray: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests/ray
 
-bench: bench-train bench-serve bench-tune bench-reliability bench-rollout
+bench: bench-train bench-serve bench-serve-diffusion bench-tune bench-reliability bench-rollout
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train_overhead.py
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve_llm.py
+
+bench-serve-diffusion: $(STAMP)
+	$(BIN)/python bench/serve_diffusion.py
 
 bench-rollout: $(STAMP)
 	$(BIN)/python bench/rollout.py

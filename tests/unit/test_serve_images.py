@@ -25,7 +25,13 @@ import torch
 
 from fmray.config import ConfigError, load_config, validate_config
 from fmray.generation.engine import EngineOverloaded, EngineStopped
-from fmray.serve.app import InProcessAPI, ServeConfig, build_application
+from fmray.serve.app import (
+    InProcessAPI,
+    ServeConfig,
+    build_application,
+    check_model_paths,
+    print_usage,
+)
 from fmray.serve.config import ImageEngineSection
 from fmray.serve.denoise import ImagePipeline, ImageSpec
 from fmray.serve.errors import APIError
@@ -350,3 +356,16 @@ def test_image_config_builds_image_deployments(pipeline_dir: Path) -> None:
         validate_config(
             ServeConfig, {"image_models": {"s": {"path": "x"}}, "image_engine": {"sizes": ["32"]}}
         )
+
+
+def test_fmray_serve_checks_image_paths_and_prints_an_images_curl(
+    pipeline_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = validate_config(ServeConfig, {"image_models": {"s": {"path": str(tmp_path)}}})
+    with pytest.raises(ConfigError, match=r"image_models\.s\.path=.*fmray diffusion --config"):
+        check_model_paths(missing)  # before Ray starts, as `fmray serve` calls it
+    found = validate_config(ServeConfig, {"image_models": {"s": {"path": str(pipeline_dir)}}})
+    print_usage(check_model_paths(found))
+    out = capsys.readouterr().out
+    assert "curl http://localhost:8000/v1/images/generations" in out
+    assert '"model": "s"' in out and "chat/completions" not in out
