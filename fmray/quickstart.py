@@ -8,10 +8,10 @@
 
 Stages, each a recipe run from its tiny preset in jobs/ with a few overrides (fewer steps):
 tokenizer -> pretrain (2 workers) -> SFT -> reward model -> DPO -> GRPO (from the DPO model,
-rewarded by the reward model and the exact-match rule) -> a small Tune search (DPO's beta and
-lr) -> diffusion (captioned shapes) -> serve the GRPO model, and the diffusion model where
-`fmray serve` serves images, behind one endpoint -> real requests to both -> a summary table,
-`fmray report` of every stage and an index page (<out>/index.html).
+rewarded by the exact-match rule) -> a small Tune search (DPO's beta and lr) -> diffusion
+(captioned shapes) -> serve the GRPO model, and the diffusion model where `fmray serve` serves
+images, behind one endpoint -> real requests to both -> a summary table, `fmray report` of every
+stage and an index page (<out>/index.html).
 
 Re-running reuses what is done: a stage whose newest checkpoint reached its last step is not run
 again, and an interrupted one resumes from its newest checkpoint (`checkpoint.resume=auto`).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import socket
 import time
 import urllib.request
@@ -76,9 +77,8 @@ def build_stages(out: Path) -> list[Stage]:
               "byte-level BPE on the built-in corpus"),
         Stage("pretrain", "pretrain", "pretrain/tiny.yaml",
               [f"data.tokenizer={o}/tokenizer/tokenizer"], "tiny Llama, 2 workers, ZeRO-2"),
-        Stage("sft", "sft", "sft/tiny.yaml",
-              [f"model.path={o}/pretrain", "train.max_steps=100", "train.eval_every=50",
-               "checkpoint.every_steps=50"], "instruction fine-tuning"),
+        Stage("sft", "sft", "sft/tiny.yaml", [f"model.path={o}/pretrain"],
+              "instruction fine-tuning, 150 steps"),
         Stage("reward", "reward", "reward/tiny.yaml",
               [f"model.path={o}/sft", "train.max_steps=60", "train.eval_every=30",
                "checkpoint.every_steps=60"], "reward model on preference pairs"),
@@ -86,9 +86,8 @@ def build_stages(out: Path) -> list[Stage]:
               [f"model.path={o}/sft", "train.max_steps=60", "train.eval_every=30",
                "checkpoint.every_steps=60", "eval.num_examples=64"], "DPO of the SFT model"),
         Stage("grpo", "grpo", "grpo/tiny.yaml",
-              [f"model.path={o}/dpo", f"reward.model={o}/reward", "train.max_steps=20",
-               "checkpoint.every_steps=20", "eval.num_examples=64"],
-              "GRPO of the DPO model: reward model + exact-match rule"),
+              [f"model.path={o}/dpo", "train.max_steps=20", "checkpoint.every_steps=20",
+               "eval.num_examples=64"], "GRPO of the DPO model, exact-match reward"),
         Stage("tune", "tune", "tune/dpo_tiny.yaml",
               ["num_samples=2", "scheduler.grace_period=10"],
               "ASHA over DPO's beta and lr, 2 trials"),
@@ -260,6 +259,7 @@ class Served:
     reference: str
     answer: str
     image_path: Path | None
+    seconds: float = 0.0
 
 
 def image_models_field() -> str | None:
@@ -342,6 +342,7 @@ def serve_and_ask(out: Path, port: int, keep_serving: bool) -> Served:
     from fmray.serve.app import build_application, required_cpus
 
     check_port_free(port)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: Ray's log
     config = serve_config(out, port)
     with_images = image_models_field() is not None
     init_ray(None, required_cpus(config))
@@ -394,7 +395,8 @@ def main(argv: list[str]) -> None:
     progress(f"{total}/{total} serve: {what} behind one endpoint on port {args.port}")
     serve_start = time.perf_counter()
     served = serve_and_ask(out.resolve(), args.port, args.keep_serving)
-    progress(f"{total}/{total} serve: answered in {time.perf_counter() - serve_start:.0f} s")
+    served.seconds = time.perf_counter() - serve_start
+    progress(f"{total}/{total} serve: answered in {served.seconds:.0f} s")
     print_summary(results, served, out, time.perf_counter() - start, with_images)
     if args.keep_serving:
         print(f"[fmray] serving at {served.url}/v1 (Ctrl-C stops it)")
@@ -405,7 +407,7 @@ def print_summary(
     results: list[StageResult], served: Served, out: Path, seconds: float, with_images: bool
 ) -> None:
     rows = summary_rows(results)
-    rows.append(["serve", f"endpoint {served.url}/v1", "-", "-"])
+    rows.append(["serve", f"endpoint {served.url}/v1", "-", f"{served.seconds:.0f} s"])
     index = write_index(
         [r.report for r in results if r.report is not None], out / "index.html", rows
     )

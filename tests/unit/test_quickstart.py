@@ -102,7 +102,7 @@ def test_stages_chain_their_run_folders(tmp_path) -> None:
     assert trees["reward"]["model"]["path"] == f"{out}/sft"
     assert trees["dpo"]["model"]["path"] == f"{out}/sft"
     assert trees["grpo"]["model"]["path"] == f"{out}/dpo"
-    assert trees["grpo"]["reward"]["model"] == f"{out}/reward"
+    assert trees["grpo"]["reward"]["rule"] == "fmray.rl.rewards:exact_match"
     assert trees["tune"]["overrides"]["model.path"] == f"{out}/sft"
     assert Path(trees["tune"]["base"]).is_file()
     for name, tree in trees.items():
@@ -173,12 +173,12 @@ def test_an_interrupted_stage_runs_again(tmp_path) -> None:
     quickstart.run_stages(stages, tmp_path, run=fake_run(calls))
     # SFT stopped before its last step: its newest checkpoint is older
     sft = tmp_path / "sft"
-    (sft / "checkpoint_00000100").rename(sft / "checkpoint_00000050")
+    (sft / "checkpoint_00000150").rename(sft / "checkpoint_00000050")
     (sft / "checkpoint_00000050" / "fmray.json").write_text(json.dumps({"step": 50}))
     calls.clear()
     quickstart.run_stages(stages, tmp_path, run=fake_run(calls))
     assert calls == ["sft"]  # the real recipe resumes from checkpoint 50 (resume=auto)
-    assert (sft / "checkpoint_00000100" / "fmray.json").is_file()
+    assert (sft / "checkpoint_00000150" / "fmray.json").is_file()
 
 
 def test_port_in_use_is_one_clear_line(tmp_path, capsys) -> None:
