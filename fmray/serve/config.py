@@ -9,9 +9,10 @@ copy of any of them (e.g. a large model that needs a GPU and more replicas).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fmray.config import Section
 
@@ -142,12 +143,20 @@ class ImageEngineSection(Section):
     """Largest num_inference_steps a request may ask for (bounds one batch's time)."""
     guidance_scale: float = Field(4.0, ge=0.0)
     """Classifier-free guidance of a request that does not set guidance_scale (<= 1: off)."""
-    sizes: list[Annotated[str, Field(pattern=SIZE_PATTERN)]] = []
+    sizes: list[str] = []
     """Sizes ('WxH') served besides the model's native one; each must suit the UNet's strides."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype: auto is float32 on CPU and float16 on GPU."""
     stall_timeout_s: float = Field(300.0, gt=0.0)
     """check_health fails when one denoising loop runs longer than this."""
+
+    @field_validator("sizes")
+    @classmethod
+    def _size_form(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            if not re.fullmatch(SIZE_PATTERN, size):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT (e.g. 64x64)")
+        return sizes
 
     @model_validator(mode="after")
     def _steps(self) -> ImageEngineSection:

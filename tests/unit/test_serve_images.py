@@ -292,6 +292,10 @@ def test_seeded_request_alone_equals_batched(client: openai.OpenAI, api: InProce
         ({"seed": -1}, 400, "seed", "invalid_value"),
         ({"styel": "vivid"}, 400, "styel", "unknown_parameter"),
         ({"stream": True}, 400, "stream", "invalid_value"),
+        ({"size": "0x0"}, 400, "size", "invalid_size"),
+        ({"size": "32x32" * 1000}, 400, "size", "invalid_size"),
+        ({"prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
+        ({"guidance_scale": 101}, 400, "guidance_scale", "invalid_value"),
     ],
 )
 def test_bad_requests_get_openai_errors(
