@@ -269,6 +269,10 @@ def report_search(exp_dir: Path, out_dir: Path) -> Report:
             rows = list(csv.DictReader(f))
         for row in rows:
             score = row.get(metric, "")
+            try:
+                score = f"{float(score):.4g}"
+            except ValueError:
+                pass  # empty: the trial never evaluated
             lines.append(
                 f"  trial {row['trial_id']:<10} {row['status']:<14} "
                 f"{row['steps']:>5} steps  {metric} {score}"

@@ -170,7 +170,7 @@ def test_tune_report_draws_one_curve_per_trial(tmp_path, capsys) -> None:
 
     summary = (exp_dir / "report" / "summary.txt").read_text()
     assert "trials           3" in summary
-    assert "trial a0002      stopped early     20 steps  val_loss 3.0" in summary
+    assert "trial a0002      stopped early     20 steps  val_loss 3" in summary
     assert "best trial       a0001 (val_loss=1)" in summary
     assert distinct_colours(exp_dir / "report" / "trials.png") > 20
     index = (tmp_path / "index.html").read_text()
