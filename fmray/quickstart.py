@@ -408,8 +408,12 @@ def print_summary(
 ) -> None:
     rows = summary_rows(results)
     rows.append(["serve", f"endpoint {served.url}/v1", "-", f"{served.seconds:.0f} s"])
+    answer = [["question", served.question, "answer", served.answer]]
     index = write_index(
-        [r.report for r in results if r.report is not None], out / "index.html", rows
+        [r.report for r in results if r.report is not None],
+        out / "index.html",
+        rows + answer,
+        [served.image_path] if served.image_path else [],
     )
     image = str(served.image_path) if served.image_path else "-"
     if not with_images:

@@ -308,8 +308,14 @@ def write_run_page(report: Report) -> Path:
     return page
 
 
-def write_index(reports: list[Report], path: Path, rows: list[list[str]] | None = None) -> Path:
-    """A page linking each report (and a table, e.g. the quickstart's summary, above them)."""
+def write_index(
+    reports: list[Report],
+    path: Path,
+    rows: list[list[str]] | None = None,
+    images: list[Path] | None = None,
+) -> Path:
+    """A page linking each report (and a table, e.g. the quickstart's summary, and images above
+    them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = ""
     if rows:
@@ -319,6 +325,10 @@ def write_index(reports: list[Report], path: Path, rows: list[list[str]] | None 
             for row in rows[1:]
         )
         table = f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
+    for image in images or []:
+        source = relative_to(image, path.parent)
+        table += f'<figure><img src="{source}" width="256"><figcaption>{image.name}</figcaption>'
+        table += "</figure>"
     items = []
     for report in reports:
         link = Path(relative_to(report.out_dir / "index.html", path.parent))

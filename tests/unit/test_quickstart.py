@@ -157,6 +157,7 @@ def test_quickstart_runs_each_stage_once_and_summarises(tmp_path, capsys, monkey
         assert f'href="{name}/report/index.html"' in index
         assert (out / name / "report" / "summary.txt").is_file()
     assert "RM accuracy 0.750" in index
+    assert '<img src="quickstart_image.png"' in index and "What is 2 plus 3?" in index
 
     # again: every stage is reused, nothing re-runs, and the summary says so
     calls.clear()
