@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fmray/torch_extensions
 
-.PHONY: install quickstart test test-faults test-unit test-ray lint format bench bench-train bench-serve bench-serve-diffusion bench-tune bench-reliability bench-rollout clean
+.PHONY: install quickstart test test-faults test-unit test-ray lint format bench bench-train bench-serve bench-serve-diffusion bench-tune bench-reliability bench-rollout bench-zero bench-gpu-smoke gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,21 @@ bench-rollout: $(STAMP)
 
 bench-reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py
+
+# The memory planner against DeepSpeed's own partitions (ZeRO 0-3, 2 CPU ranks).
+bench-zero: $(STAMP)
+	$(BIN)/python bench/zero_memory.py
+
+# bench/gpu.sh on tiny sizes on CPU: every step the GPU run takes.
+bench-gpu-smoke: $(STAMP)
+	PYTHON=$(BIN)/python bash bench/gpu.sh --cpu-smoke
+
+# Wheels of fmray's pure-Python dependencies for a GPU machine with Python 3.12 and no registry
+# (bench/gpu.sh installs them from bench/wheels when they are missing there).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 --dest bench/wheels \
+		pydantic==2.14.3 pyyaml==6.0.3
 
 # Searches start from the quickstart's pretrained tiny model.
 bench-tune: quickstart

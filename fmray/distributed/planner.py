@@ -11,9 +11,10 @@ DeepSpeed implements them, for Psi parameters on N workers with p bytes per para
 bf16, 4 in fp32) and K = 12 bytes of Adam state per trained parameter (fp32 master copy,
 momentum, variance):
     stage 0: p Psi + p Psi + K' Psi   (K' = 8 in fp32: torch's AdamW updates the weights
-                                       themselves; 16 in bf16: DeepSpeed's BF16_Optimizer adds a
-                                       fp32 master and a fp32 gradient accumulator to Adam's 8)
-    stage 1: p Psi + p Psi + K Psi / N
+                                       themselves; K' = K = 12 in bf16: DeepSpeed's bf16 wrapper
+                                       keeps a fp32 master copy beside Adam's moments)
+    stage 1: p Psi + p Psi + K Psi / N  (DeepSpeed: p Psi + (p + K) Psi / N, as stage 2: it
+                                       reduces gradients into each rank's partition)
     stage 2: p Psi + (p + K) Psi / N
     stage 3: (p + p + K) Psi / N       (+ the parameters below the persistence threshold, whole)
 Offload moves the optimizer (and with it the fp32 gradient partition) or the parameters into
@@ -177,9 +178,11 @@ def model_state_rows(parts: list[ModelPart], s: Settings) -> list[Row]:
         trained = part.num_trainable
         if trained == 0:
             continue
-        grads += trained * p // (n if s.stage >= 2 else 1)
+        # DeepSpeed reduces stage-1 gradients into the rank's partition as stage 2 does
+        # (measured by bench/zero_memory.py); the paper's stage 1 keeps them whole.
+        grads += trained * p // (n if s.stage >= 1 else 1)
         if s.stage == 0:
-            state = trained * (16 if s.bf16 else 8)
+            state = trained * (12 if s.bf16 else 8)
         else:
             state = trained * 12 // n
         if s.offload_optimizer:
@@ -189,9 +192,9 @@ def model_state_rows(parts: list[ModelPart], s: Settings) -> list[Row]:
         if part.ema:
             ema += trained * 4
     what = f"{p} B x params" + (f" / {n} workers" if s.stage == 3 else "")
-    grad_what = f"{p} B x trained params" + (f" / {n} workers" if s.stage >= 2 else "")
+    grad_what = f"{p} B x trained params" + (f" / {n} workers" if s.stage >= 1 else "")
     optim_what = (
-        f"{16 if s.bf16 else 8} B x trained params (stage 0)"
+        f"{12 if s.bf16 else 8} B x trained params (stage 0)"
         if s.stage == 0
         else f"12 B x trained params / {n} workers (fp32 master, Adam m, v)"
     )

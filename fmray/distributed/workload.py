@@ -288,7 +288,7 @@ def _policy_config(config: Any, model_preset: str | None, notes: list[str]) -> A
     return resolve_lm_config(config.model.path, preset, vocab, "model.path", notes)
 
 
-def _lm_workload(
+def lm_workload(
     recipe: str,
     parts: list[ModelPart],
     shape: LMShape,
@@ -307,21 +307,21 @@ def _lm_workload(
 def _pretrain(recipe: str, config: Any, model_preset: str | None) -> Workload:
     notes: list[str] = []
     part, shape = lm_part("model", _policy_config(config, model_preset, notes), "lm", True)
-    return _lm_workload(recipe, [part], shape, 1, config.data.seq_len, "1 block", notes)
+    return lm_workload(recipe, [part], shape, 1, config.data.seq_len, "1 block", notes)
 
 
 def _sft(recipe: str, config: Any, model_preset: str | None) -> Workload:
     notes: list[str] = []
     hf = _policy_config(config, model_preset, notes)
     part, shape = lm_part("model", hf, "lm", True, config.lora)
-    return _lm_workload(recipe, [part], shape, 1, config.data.seq_len, "1 sequence", notes)
+    return lm_workload(recipe, [part], shape, 1, config.data.seq_len, "1 sequence", notes)
 
 
 def _reward(recipe: str, config: Any, model_preset: str | None) -> Workload:
     notes: list[str] = []
     hf = _policy_config(config, model_preset, notes)
     part, shape = lm_part("reward model", hf, "score", True, config.lora)
-    return _lm_workload(recipe, [part], shape, 2, config.data.seq_len, "2 sequences (pair)", notes)
+    return lm_workload(recipe, [part], shape, 2, config.data.seq_len, "2 sequences (pair)", notes)
 
 
 def _dpo(recipe: str, config: Any, model_preset: str | None) -> Workload:
@@ -333,7 +333,7 @@ def _dpo(recipe: str, config: Any, model_preset: str | None) -> Workload:
         reference_path = config.dpo.reference or config.model.path
         ref_hf = resolve_lm_config(reference_path, model_preset, None, "dpo.reference", notes)
         parts.append(lm_part("reference", ref_hf, "lm", False)[0])
-    return _lm_workload(recipe, parts, shape, 2, config.data.seq_len, "2 sequences (pair)", notes)
+    return lm_workload(recipe, parts, shape, 2, config.data.seq_len, "2 sequences (pair)", notes)
 
 
 def _rl(recipe: str, config: Any, model_preset: str | None) -> Workload:
