@@ -77,3 +77,42 @@ def reward_run(sft_run, tmp_path_factory: pytest.TempPathFactory):
     sft_model = Path(sft_run.checkpoint.path) / "hf"
     tree = align_tree(sft_model, out, "rm", train={"max_steps": 80, "lr": 3e-4})
     return reward.run(validate_config(reward.RewardConfig, tree))
+
+
+DIFFUSION_PIXEL_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def diffusion_pixel_run(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    """One `fmray diffusion` fit of the tiny pixel preset (2 workers, 300 steps) on the built-in
+    shapes: test_diffusion checks its adherence and export; test_serve_images serves it.
+    Returns the Ray Train result with `run_dir` (the fmray run folder) set on it."""
+    from fmray.config import load_config
+    from fmray.train.diffusion import DiffusionConfig, run
+
+    out = tmp_path_factory.mktemp("diffusion_pixel")
+    overrides = [
+        "run.name=pixel",
+        f"run.output_dir={out / 'runs'}",
+        "model.preset=tiny",
+        "model.train_text_encoder=true",
+        "data.num_images=1024",
+        "data.num_eval_images=32",
+        "diffusion.ema_decay=0.99",
+        "sample.num_adherence_prompts=36",
+        "sample.steps=10",
+        "sample.sampler=dpm",
+        "train.micro_batch_size=8",
+        f"train.max_steps={DIFFUSION_PIXEL_STEPS}",
+        "train.lr=2e-3",
+        "train.warmup_steps=20",
+        "train.log_every=10",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "zero.stage=0",
+        "scaling.num_workers=2",
+    ]
+    result = run(load_config(DiffusionConfig, None, overrides))
+    assert result.error is None
+    result.run_dir = out / "runs" / "pixel"
+    return result

@@ -1,7 +1,8 @@
 """Text-to-image training through its real entry points on a local Ray cluster, 2 gloo workers,
 three fits in all:
 
-- the tiny pixel-space preset on the built-in shapes reaches a colour accuracy measured here
+- the tiny pixel-space preset on the built-in shapes (the session's fit, `diffusion_pixel_run`
+  in conftest.py, which test_serve_images.py serves too) reaches a colour accuracy measured here
   (chance: 1 / 6), and its `fmray export` loads in a fresh process with stock diffusers (no
   fmray) and reproduces the in-training samples for the same seeds;
 - the latent (Stable-Diffusion-style) path on ZeRO-2 with EMA over a folder of captioned PNGs,
@@ -27,7 +28,7 @@ from fmray.train.diffusion import DiffusionConfig, run
 
 pytestmark = pytest.mark.ray
 
-PIXEL_STEPS = 300
+PIXEL_STEPS = 300  # the session fixture's train.max_steps (tests/ray/conftest.py)
 # Chance is 1/6; measured here: 0.94 (34 of 36 prompts) with these seeds (docs/diffusion.md).
 # Shape (0.14) and position (0.28) stay at chance (1/3) after 300 steps: not asserted.
 MIN_COLOUR_ACC = 0.6
@@ -39,43 +40,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("diffusion")
 
 
-def pixel_overrides(workdir: Path) -> list[str]:
-    return [
-        "run.name=pixel",
-        f"run.output_dir={workdir / 'runs'}",
-        "model.preset=tiny",
-        "model.train_text_encoder=true",
-        "data.num_images=1024",
-        "data.num_eval_images=32",
-        "diffusion.ema_decay=0.99",
-        "sample.num_adherence_prompts=36",
-        "sample.steps=10",
-        "sample.sampler=dpm",
-        "train.micro_batch_size=8",
-        f"train.max_steps={PIXEL_STEPS}",
-        "train.lr=2e-3",
-        "train.warmup_steps=20",
-        "train.log_every=10",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "zero.stage=0",
-        "scaling.num_workers=2",
-    ]
-
-
 @pytest.fixture(scope="module")
-def pixel_run(ray_cluster, workdir: Path):
-    result = run(load_config(DiffusionConfig, None, pixel_overrides(workdir)))
-    assert result.error is None
-    return result
+def pixel_run(diffusion_pixel_run):
+    """The session's tiny pixel fit (tests/ray/conftest.py; test_serve_images serves it too)."""
+    return diffusion_pixel_run
 
 
-def test_tiny_preset_follows_the_prompts_colour(pixel_run, workdir: Path) -> None:
+def test_tiny_preset_follows_the_prompts_colour(pixel_run) -> None:
     metrics = pixel_run.metrics
     assert metrics["step"] == PIXEL_STEPS
     assert metrics["colour_acc"] >= MIN_COLOUR_ACC, metrics
     records = [
-        json.loads(x) for x in (workdir / "runs/pixel/metrics.jsonl").read_text().splitlines()
+        json.loads(x) for x in (pixel_run.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
