@@ -52,6 +52,21 @@ def apply_train_env(local: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+# An embedded instance serves one run on this machine: no dashboard (its head process and
+# modules), no metrics collection/export by the raylet and workers, no usage-stats reporting.
+# FMRAY_RAY_DASHBOARD=1 starts it with Ray's dashboard and metrics, as a plain ray.init() would.
+LOCAL_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def local_ray_options() -> dict:
+    """ray.init arguments of an embedded instance that starts only what a run uses."""
+    if os.environ.get("FMRAY_RAY_DASHBOARD") == "1":
+        return {}
+    for key, value in LOCAL_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return {"include_dashboard": False, "_system_config": {"enable_metrics_collection": False}}
+
+
 def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray instance.
 
@@ -70,9 +85,10 @@ def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bo
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS")
     apply_train_env(local=address is None)
-    num_cpus = None
+    num_cpus, options = None, {}
     if address is None:
         num_cpus = max(os.cpu_count() or 1, int(required_cpus + 0.999) + 1)
+        options = local_ray_options()
     ray.init(
         # "local": a new embedded instance even where `ray start` left a cluster running (a
         # bare ray.init() would join it, or fail on a stale record of it).
@@ -81,6 +97,7 @@ def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bo
         runtime_env={"env_vars": worker_env()},
         log_to_driver=True,
         configure_logging=False,
+        **options,
     )
     if not verbose:
         install_console_filter()
