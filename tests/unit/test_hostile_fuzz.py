@@ -1,5 +1,6 @@
 """Fuzz every endpoint from the API's own OpenAPI schema (schemathesis), over real HTTP to the
-in-process app with the tiny model's engine: no 5xx, and every error is OpenAI's error JSON.
+in-process app with the tiny LLM's engine and the tiny diffusion preset's image engine: no 5xx,
+and every error is OpenAI's error JSON.
 
     python -m pytest -q tests/unit/test_hostile_fuzz.py             # a quick pass, ~130 cases
     python -m pytest -q -m faults tests/unit/test_hostile_fuzz.py   # >= 1,000 (make test-faults)
@@ -50,7 +51,7 @@ def fuzz_document(document: dict, served: list[str]) -> dict:
     document = copy.deepcopy(document)
     names = {"type": "string", "enum": [*served, "no-such-model"]}
     schemas = document["components"]["schemas"]
-    for request in ("CompletionRequest", "ChatCompletionRequest"):
+    for request in ("CompletionRequest", "ChatCompletionRequest", "ImageGenerationRequest"):
         schemas[request]["properties"]["model"] = names
     for path in document["paths"].values():
         for operation in path.values():
@@ -133,12 +134,21 @@ def fuzz_api(base: str, headers: dict[str, str], served: list[str], examples: in
     return report
 
 
+SERVED = ["tiny", "shapes"]
+
+
 @pytest.fixture(scope="module")
-def base(tiny_model_dir: Path) -> Iterator[str]:
+def base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.unit.test_serve_images import save_preset
+
     torch.set_num_threads(1)
+    pipeline = save_preset("tiny", tmp_path_factory.mktemp("t2i"))
     config = {
+        # The limits bound what a valid fuzzed request costs.
         "models": {"tiny": {"path": str(tiny_model_dir)}},
-        "engine": {"max_model_len": 48},  # bounds what a valid fuzzed request generates
+        "engine": {"max_model_len": 48},
+        "image_models": {"shapes": {"path": str(pipeline)}},
+        "image_engine": {"num_inference_steps": 1, "max_inference_steps": 2},
         "serve": {"api_key": API_KEY},
     }
     api = InProcessAPI(validate_config(ServeConfig, config))
@@ -148,7 +158,7 @@ def base(tiny_model_dir: Path) -> Iterator[str]:
 
 
 def test_fuzz_quick_pass(base: str) -> None:
-    report = fuzz_api(base, AUTH, ["tiny"], examples=15)
+    report = fuzz_api(base, AUTH, SERVED, examples=15)
     print(report.line())
     assert report.cases >= 60 and not report.failures, "\n".join(report.failures[:5])
     assert report.statuses[200] > 0 and report.statuses[400] > 0  # both kinds were reached
@@ -156,7 +166,7 @@ def test_fuzz_quick_pass(base: str) -> None:
 
 @pytest.mark.faults
 def test_fuzz_1000_cases(base: str) -> None:
-    report = fuzz_api(base, AUTH, ["tiny"], examples=220)
+    report = fuzz_api(base, AUTH, SERVED, examples=220)
     print(report.line())
     assert report.cases >= 1000 and not report.failures, "\n".join(report.failures[:5])
     assert report.statuses[200] >= 100
