@@ -9,7 +9,9 @@ single-image requests (distinct prompts and seeds, the same steps and guidance) 
 fmray's `ImageServer` (what a Serve replica runs, without HTTP), once with
 `image_engine.max_batch_size` images per loop ("batched") and once with one ("one at a time",
 the baseline: Ray's Stable Diffusion example serves one request per call). Per setting: images/s,
-p50 latency and time to first image (first response after the clients start). Then the loop's
+p50 latency and time to first image (first response after the clients start); the two settings
+alternate --repeats times and each keeps its best run, so a burst of load from other processes
+on a shared machine does not decide the ratio. Then the loop's
 own cost per batch size, which explains the ratio. Target: batched >= 4x the baseline at
 concurrency 8 on the tiny preset. Every seeded image must come out the same in both settings
 (within one level of 255, the float noise of batch-size-dependent kernels).
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting (best kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a replica's CPUs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     return parser.parse_args()
@@ -128,8 +131,15 @@ def serve_levels(pipeline, max_batch_size: int, args: argparse.Namespace) -> lis
     return levels
 
 
+def best(kept: list[Level], new: list[Level]) -> list[Level]:
+    """Per concurrency, the run with more images/s."""
+    if not kept:
+        return new
+    return [max(a, b, key=lambda level: level.images_per_s) for a, b in zip(kept, new, strict=True)]
+
+
 def loop_costs(pipeline, args: argparse.Namespace) -> list[tuple[int, float]]:
-    """Seconds of one denoising loop per batch size (the median of 3)."""
+    """Seconds of one denoising loop per batch size (the best of 3)."""
     from fmray.serve.denoise import ImageSpec
 
     width, height = pipeline.native_size()
@@ -141,7 +151,7 @@ def loop_costs(pipeline, args: argparse.Namespace) -> list[tuple[int, float]]:
             start = time.perf_counter()
             pipeline.generate(specs, width, height, args.steps)
             runs.append(time.perf_counter() - start)
-        costs.append((size, statistics.median(runs)))
+        costs.append((size, min(runs)))
     return costs
 
 
@@ -158,8 +168,11 @@ def main() -> None:
             f"[bench] {args.model or args.preset}: {width}x{height}, {args.steps} steps, "
             f"guidance {args.guidance}, {args.threads} torch thread(s), {pipeline.device}"
         )
-        batched = serve_levels(pipeline, args.max_batch_size, args)
-        single = serve_levels(pipeline, 1, args)
+        batched: list[Level] = []
+        single: list[Level] = []
+        for _ in range(args.repeats):
+            batched = best(batched, serve_levels(pipeline, args.max_batch_size, args))
+            single = best(single, serve_levels(pipeline, 1, args))
         costs = loop_costs(pipeline, args)
 
     print(f"\n{'setting':<16}{'conc':>5}{'images/s':>10}{'p50 s':>8}{'first image s':>15}")
