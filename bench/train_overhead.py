@@ -117,7 +117,8 @@ def run_fmray(
     phases_path = workdir / f"{name}-phases.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if args.ray_full:
-        env["FMRAY_RAY_DASHBOARD"] = "1"
+        # Ray's full start brings its dashboard, whose token authentication a local bench skips.
+        env.update(FMRAY_RAY_DASHBOARD="1", RAY_AUTH_MODE=env.get("RAY_AUTH_MODE", "disabled"))
     launch = time.time()
     env.update(FMRAY_BENCH_PHASES=str(phases_path), FMRAY_BENCH_LAUNCH=str(launch))
     proc = subprocess.Popen(

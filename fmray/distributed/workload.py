@@ -153,27 +153,75 @@ def lora_param_count(model: Any, targets: list[str], r: int) -> int:
     return count
 
 
+def llama_tensor_sizes(config: Any, head: str) -> dict[str, list[int]] | None:
+    """Parameter sizes of a Llama-layout model by module kind, from its config alone (no
+    transformers modeling import on the driver); None for any other layout."""
+    if getattr(config, "model_type", None) != "llama" or getattr(config, "attention_bias", False):
+        return None
+    if getattr(config, "mlp_bias", False):
+        return None
+    h, i, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    layers = config.num_hidden_layers
+    sizes = {
+        "q_proj": [h * q] * layers, "k_proj": [h * kv] * layers, "v_proj": [h * kv] * layers,
+        "o_proj": [q * h] * layers, "gate_proj": [h * i] * layers, "up_proj": [h * i] * layers,
+        "down_proj": [i * h] * layers, "norm": [h] * (2 * layers + 1), "embed_tokens": [vocab * h],
+    }  # fmt: skip
+    tied = head == "lm" and getattr(config, "tie_word_embeddings", False)
+    sizes["lm_head" if head == "lm" else "score"] = (
+        [] if tied else [h * (vocab if head == "lm" else 1)]
+    )
+    return sizes
+
+
+LINEAR_SHAPES = {  # (in, out) of each Llama projection, as functions of (h, q, kv, i)
+    "q_proj": lambda h, q, kv, i: (h, q), "k_proj": lambda h, q, kv, i: (h, kv),
+    "v_proj": lambda h, q, kv, i: (h, kv), "o_proj": lambda h, q, kv, i: (q, h),
+    "gate_proj": lambda h, q, kv, i: (h, i), "up_proj": lambda h, q, kv, i: (h, i),
+    "down_proj": lambda h, q, kv, i: (i, h),
+}  # fmt: skip
+
+
+def llama_lora_count(config: Any, targets: list[str], r: int) -> int | None:
+    """LoRA elements on a Llama layout, or None when a target is not one of its projections."""
+    if any(t not in LINEAR_SHAPES for t in targets):
+        return None
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    per_layer = sum(r * sum(LINEAR_SHAPES[t](h, q, kv, i)) for t in targets)
+    return per_layer * config.num_hidden_layers
+
+
 def lm_part(
     name: str, hf_config: Any, head: str, trainable: bool, lora: Any = None
 ) -> tuple[ModelPart, LMShape]:
-    """A causal LM ('lm') or a sequence classifier with one output ('score') from its config."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    """A causal LM ('lm') or a sequence classifier with one output ('score') from its config:
+    Llama layouts counted from the config, any other built on the meta device and counted."""
     config = hf_config
-    if head == "score":
-        fields = {k: v for k, v in hf_config.to_dict().items() if k not in ("id2label", "label2id")}
-        config = type(hf_config).from_dict({**fields, "num_labels": 1})
-    cls = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    total, persistent, largest = _meta_stats(model)
-    num_trainable = 0
-    if trainable:
-        num_trainable = total
+    sizes = llama_tensor_sizes(config, head)
+    adapters = None
+    if sizes is not None and (
+        lora is None or llama_lora_count(config, list(lora.target_modules), lora.r) is not None
+    ):
+        flat = [n for group in sizes.values() for n in group]
+        total = sum(flat)
+        persistent = sum(n for n in flat if n < PERSISTENCE_THRESHOLD)
+        largest = max(flat)
+        if lora is not None:
+            adapters = llama_lora_count(config, list(lora.target_modules), lora.r)
+    else:
+        model = _meta_model(config, head)
+        total, persistent, largest = _meta_stats(model)
         if lora is not None:
             adapters = lora_param_count(model, list(lora.target_modules), lora.r)
-            total, num_trainable = total + adapters, adapters
+    num_trainable = total if trainable else 0
+    if trainable and adapters is not None:
+        total, num_trainable = total + adapters, adapters
     shape = LMShape(
         num_layers=config.num_hidden_layers,
         hidden=config.hidden_size,
@@ -184,6 +232,18 @@ def lm_part(
     )
     part = ModelPart(name, total, num_trainable, True, False, False, persistent, largest)
     return part, shape
+
+
+def _meta_model(config: Any, head: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if head == "score":
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+        config = type(config).from_dict({**fields, "num_labels": 1})
+    cls = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return cls.from_config(config)
 
 
 def preset_hf_config(preset: str, vocab_size: int) -> Any:

@@ -209,3 +209,25 @@ def test_preflight_stops_a_run_that_will_not_fit_before_ray(monkeypatch, capsys)
     # The tiny preset passes the check with this machine's memory; the override disables it.
     check_memory(tiny_config())
     check_memory(tiny_config("scaling.device_memory=64MiB", "scaling.memory_check=false"))
+
+
+def test_llama_counts_from_the_config_equal_the_built_model():
+    from fmray.distributed.workload import _meta_model, _meta_stats, lm_part, lora_param_count
+    from fmray.models.lora import LoraSection
+    from fmray.models.registry import preset_config
+
+    lora = LoraSection(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    for preset, head, adapters in [
+        ("tiny", "lm", None),
+        ("llama-1b", "score", None),
+        ("small", "lm", lora),
+    ]:
+        config = preset_config(preset, 32000)
+        part, _ = lm_part("model", config, head, trainable=True, lora=adapters)
+        model = _meta_model(config, head)
+        total, persistent, largest = _meta_stats(model)
+        extra = lora_param_count(model, lora.target_modules, lora.r) if adapters else 0
+        assert (part.num_params, part.num_persistent, part.largest_module) == (
+            total + extra, persistent, largest,
+        )  # fmt: skip
+        assert part.num_trainable == (extra if adapters else total)
