@@ -247,9 +247,13 @@ def _meta_model(config: Any, head: str) -> Any:
 
 
 def preset_hf_config(preset: str, vocab_size: int) -> Any:
-    from fmray.models.registry import preset_config
+    """The preset's LlamaConfig as fmray.models.registry.preset_config builds it, without
+    importing transformers' modeling code (seconds on the driver, before every run)."""
+    from transformers import LlamaConfig
 
-    return preset_config(preset, vocab_size)
+    from fmray.models.presets import PRESETS
+
+    return LlamaConfig(**PRESETS[preset], vocab_size=vocab_size, tie_word_embeddings=False)
 
 
 def preset_in_name(path: str, presets: list[str]) -> str | None:
