@@ -52,9 +52,12 @@ def apply_train_env(local: bool) -> None:
         os.environ.setdefault(key, value)
 
 
-# An embedded instance serves one run on this machine: no dashboard (its head process and
-# modules), no metrics collection/export by the raylet and workers, no usage-stats reporting.
-# FMRAY_RAY_DASHBOARD=1 starts it with Ray's dashboard and metrics, as a plain ray.init() would.
+# An embedded instance serves one run on this machine: no metrics collection/export by the
+# raylet and workers, no usage-stats reporting. The dashboard stays: Ray Train's placement-group
+# cleaner polls the State API (served by the dashboard) every second for its controller, and
+# without a dashboard the answer is "not found", which it reads as a dead controller and removes
+# the run's placement group (measured: `is_actor_alive` gives None for a live actor when
+# include_dashboard=False). FMRAY_RAY_DASHBOARD=1 starts Ray as a plain ray.init() would.
 LOCAL_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -64,7 +67,7 @@ def local_ray_options() -> dict:
         return {}
     for key, value in LOCAL_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return {"include_dashboard": False, "_system_config": {"enable_metrics_collection": False}}
+    return {"_system_config": {"enable_metrics_collection": False}}
 
 
 def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bool = False) -> None:
