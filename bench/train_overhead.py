@@ -220,6 +220,11 @@ def main() -> None:
     if args.child is not None:
         child_main(args.child)
         return
+    if args.steps - args.warmup < 2 * args.log_every:
+        raise SystemExit(
+            "--steps must exceed --warmup by at least 2 x --log-every (two logged steps after "
+            "the warm-up give the steady state)"
+        )
     tokens_per_step = args.micro_batch * args.seq_len
     ray_kind = "full Ray (dashboard, metrics)" if args.ray_full else "fmray's trimmed Ray"
     with tempfile.TemporaryDirectory(prefix="fmray-bench-") as tmp:
@@ -236,6 +241,9 @@ def main() -> None:
         _, warm_first_step_s, warm = run_fmray(args, workdir, "bench-warm", reuse)
         print("[bench] plain PyTorch loop on the same blocks")
         plain_times = run_plain(args, workdir)
+    print(f"time to first step (fmray)   : {first_step_s:.1f} s from command launch ({ray_kind})")
+    print_phases("first run (trains the tokenizer, packs the data)", cold, first_step_s)
+    print_phases("second run (tokenizer and packed blocks reused)", warm, warm_first_step_s)
     logged = sorted(s for s in records if s > args.warmup)
     first, last = logged[0], logged[-1]
     fmray_elapsed = records[last]["elapsed_s"] - records[first]["elapsed_s"]
@@ -244,9 +252,6 @@ def main() -> None:
     print(f"fmray pretrain   steady state: {fmray_tps:12,.0f} tokens/s (steps {first}..{last})")
     print(f"plain PyTorch    steady state: {plain_tps:12,.0f} tokens/s (same steps)")
     print(f"ratio fmray / plain PyTorch  : {fmray_tps / plain_tps:.3f}  (target >= 0.98)")
-    print(f"time to first step (fmray)   : {first_step_s:.1f} s from command launch ({ray_kind})")
-    print_phases("first run (trains the tokenizer, packs the data)", cold, first_step_s)
-    print_phases("second run (tokenizer and packed blocks reused)", warm, warm_first_step_s)
 
 
 if __name__ == "__main__":
