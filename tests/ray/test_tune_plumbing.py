@@ -130,6 +130,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.faults  # two driver starts: `make test-faults`
 def test_search_whose_driver_is_killed_resumes_with_the_same_command(
     ray_cluster: Any, tmp_path: Path, record_property: Any
 ) -> None:
