@@ -170,14 +170,14 @@ def overload_row(base: str) -> tuple[str, str, bool]:
     slowest = max((s for _, s, _ in refused), default=0.0)
     with_retry = sum(r is not None for *_, r in refused)
     detail = (
-        f"64 at once (8 ongoing + 2 queued allowed): {len(answers) - len(refused)} served, "
+        f"64 at once (16 ongoing + 16 queued allowed): {len(answers) - len(refused)} served, "
         f"{len(refused)} refused ({with_retry} with Retry-After), slowest refusal {slowest:.2f}s, "
         f"{len(other)} other"
     )
     return (
         "overload beyond max_queued_requests",
         detail,
-        bool(refused) and not other and slowest < 2,
+        bool(refused) and not other and slowest < 5,  # as tests/ray/test_hostile_serve.py
     )
 
 
@@ -200,7 +200,7 @@ def disconnect_row(base: str, streams: int) -> tuple[str, str, bool]:
             return False
 
     start = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:  # 8 at a time: the replica's max_ongoing_requests
+    with ThreadPoolExecutor(8) as pool:  # 8 at a time, below the replica's max_ongoing_requests
         opened = sum(pool.map(open_and_drop, range(streams)))
     dropped_at = time.monotonic()
     while health()["live"] > 0 and time.monotonic() - dropped_at < 60:
@@ -228,8 +228,11 @@ def serve_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, str
         ServeConfig,
         {
             "models": {"tiny": {"path": str(model_dir)}},
+            # Room for the load row's 16 clients (16 ongoing, one batch of 8 and 8 waiting; Serve
+            # counts requests still being assigned to the replica as queued, so the queue is not
+            # tiny); the 64-request burst is well beyond 16 + 16.
             "engine": {"max_batch_size": 8, "max_waiting": 8},
-            "deployment": {"num_cpus": 1, "max_ongoing_requests": 8, "max_queued_requests": 2},
+            "deployment": {"num_cpus": 1, "max_ongoing_requests": 16, "max_queued_requests": 16},
             "serve": {"port": PORT, "api_key": API_KEY},
         },
     )
