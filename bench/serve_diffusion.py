@@ -50,21 +50,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build_pipeline_dir(preset: str, out: Path) -> Path:
-    """A random-init preset with the DPM-Solver sampler fmray's checkpoints carry (the cost of a
-    loop does not depend on the weights)."""
-    from diffusers import DiffusionPipeline
-
-    from fmray.models.diffusion import build_preset, sampler_scheduler
-
-    torch.manual_seed(0)
-    build_preset(preset, out)
-    pipeline = DiffusionPipeline.from_pretrained(str(out))
-    pipeline.scheduler = sampler_scheduler(pipeline.scheduler, "dpm")
-    pipeline.save_pretrained(str(out))
-    return out
-
-
 @dataclass
 class Level:
     setting: str
@@ -156,12 +141,14 @@ def loop_costs(pipeline, args: argparse.Namespace) -> list[tuple[int, float]]:
 
 
 def main() -> None:
+    from fmray.models.diffusion import build_servable_preset
+
     args = parse_args()
     torch.set_num_threads(args.threads)
     from fmray.serve.denoise import ImagePipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_pipeline_dir(args.preset, Path(tmp) / args.preset)
+        model = args.model or build_servable_preset(args.preset, Path(tmp) / args.preset)
         pipeline = ImagePipeline.load(model, num_gpus=1.0 if args.device == "cuda" else 0.0)
         width, height = pipeline.native_size()
         print(

@@ -308,6 +308,20 @@ def sampler_scheduler(noise_scheduler: Any, sampler: str) -> Any:
     return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
 
 
+def build_servable_preset(name: str, out_dir: str | Path, sampler: str = "dpm") -> Path:
+    """A preset (seed 0) saved with the fast sampler fmray's checkpoints carry: a random-weight
+    pipeline for serving tests and benchmarks (a loop's cost does not depend on the weights)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    torch.manual_seed(0)
+    build_preset(name, out_dir)
+    pipeline = DiffusionPipeline.from_pretrained(str(out_dir))
+    pipeline.scheduler = sampler_scheduler(pipeline.scheduler, sampler)
+    pipeline.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 def make_pipeline(space: str, components: dict[str, Any]) -> Any:
     """The stock diffusers pipeline of `space` over in-memory components."""
     from diffusers import IFPipeline, StableDiffusionPipeline

@@ -28,6 +28,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from fmray.config import validate_config
+from fmray.models.diffusion import build_servable_preset
 from fmray.serve.app import InProcessAPI, ServeConfig
 
 API_KEY = "sk-fmray-fuzz"
@@ -139,10 +140,8 @@ SERVED = ["tiny", "shapes"]
 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.unit.test_serve_images import save_preset
-
     torch.set_num_threads(1)
-    pipeline = save_preset("tiny", tmp_path_factory.mktemp("t2i"))
+    pipeline = build_servable_preset("tiny", tmp_path_factory.mktemp("t2i"))
     config = {
         # The limits bound what a valid fuzzed request costs.
         "models": {"tiny": {"path": str(tiny_model_dir)}},

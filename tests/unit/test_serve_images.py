@@ -25,6 +25,7 @@ import torch
 
 from fmray.config import ConfigError, load_config, validate_config
 from fmray.generation.engine import EngineOverloaded, EngineStopped
+from fmray.models.diffusion import build_servable_preset
 from fmray.serve.app import (
     InProcessAPI,
     ServeConfig,
@@ -47,19 +48,6 @@ PROMPTS = ["a red circle on the left", "a blue square on the right", "a green tr
 MAX_BATCH_LEVELS = 1
 
 
-def save_preset(name: str, out_dir: Path) -> Path:
-    from diffusers import DiffusionPipeline
-
-    from fmray.models.diffusion import build_preset, sampler_scheduler
-
-    torch.manual_seed(0)
-    build_preset(name, out_dir)
-    pipeline = DiffusionPipeline.from_pretrained(str(out_dir))
-    pipeline.scheduler = sampler_scheduler(pipeline.scheduler, "dpm")
-    pipeline.save_pretrained(str(out_dir))
-    return out_dir
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     """One torch thread, as a replica with num_cpus=1 runs: on a busy 2-core machine two
@@ -72,7 +60,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_preset("tiny", tmp_path_factory.mktemp("tiny_t2i"))
+    return build_servable_preset("tiny", tmp_path_factory.mktemp("tiny_t2i"))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,7 @@ def test_loop_gives_the_stock_pipelines_images(preset: str, tmp_path: Path) -> N
 
     from fmray.models.diffusion import generate
 
-    model_dir = save_preset(preset, tmp_path / preset)
+    model_dir = build_servable_preset(preset, tmp_path / preset)
     stock = DiffusionPipeline.from_pretrained(str(model_dir))
     stock.set_progress_bar_config(disable=True)
     served = ImagePipeline.load(model_dir)
