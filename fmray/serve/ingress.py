@@ -30,6 +30,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
@@ -288,6 +289,8 @@ def as_api_error(err: BaseException) -> APIError:
         return overloaded(str(err), err.status_code, err.retry_after_s)
     if isinstance(err, DeploymentUnavailableError):
         return overloaded(f"model deployment unavailable: {err}", 503)
+    if isinstance(err, RayActorError):  # the replica died (or became unreachable) under it
+        return overloaded("The model replica serving this request was lost; retry.", 503)
     return internal_error(f"{type(err).__name__}: {err}")
 
 
