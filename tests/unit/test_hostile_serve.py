@@ -290,3 +290,14 @@ def test_pickle_only_model_folder_is_refused(tiny_model_dir: Path, tmp_path: Pat
     )
     with pytest.raises(PickleWeightsError, match="only pickle weights"):  # what a replica runs
         LLMServer.load("tiny", str(folder))
+
+
+def test_a_replica_lost_under_a_request_is_a_retryable_503() -> None:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from fmray.serve.ingress import as_api_error
+
+    for lost in (ActorDiedError(), ActorUnavailableError("unreachable", None)):
+        error = as_api_error(lost)
+        assert (error.status, error.code) == (503, "overloaded"), lost
+        assert error.retry_after_s and "retry" in str(error.body())
