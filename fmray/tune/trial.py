@@ -11,6 +11,7 @@ frees the workers of trials Tune stopped.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 import uuid
 from pathlib import Path
@@ -33,11 +34,13 @@ class EvalReportCallback(TuneReportCallback):
     def __init__(self, metric: str) -> None:
         super().__init__()
         self.metric = metric
+        self.forwarded = 0
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
         if metrics and self.metric in metrics[0]:
+            self.forwarded += 1
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -60,7 +63,34 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         run_pbt_segments(module, config, lineage, setup["perturbation_interval"])
         return
     plan = module.prepare_run(config).model_copy(update=lineage)
-    module.build_trainer(config, plan, callbacks=[EvalReportCallback(setup["metric"])]).fit()
+    forward = EvalReportCallback(setup["metric"])
+    module.build_trainer(config, plan, callbacks=[forward]).fit()
+    if forward.forwarded == 0:
+        report_finished_run(Path(plan.run_dir), setup["metric"])
+
+
+def report_finished_run(run_dir: Path, metric: str) -> None:
+    """Tell Tune the result of a run that had already finished.
+
+    When the search's driver dies after a trial's last evaluation but before Tune saved that
+    in its experiment state, the restored search starts the trial again; the recipe resumes
+    from the run's last checkpoint, has no step left to run and reports nothing. Its newest
+    evaluation record (metrics.jsonl) and checkpoint then stand for it, as they did before.
+    """
+    import ray.tune
+
+    from fmray.checkpoint import latest_checkpoint
+
+    records = []
+    if (run_dir / "metrics.jsonl").exists():
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    evaluations = [r for r in records if metric in r]
+    if not evaluations:
+        return  # nothing was evaluated: Tune keeps the trial without a score
+    newest = latest_checkpoint([str(run_dir)])
+    checkpoint = ray.tune.Checkpoint.from_directory(newest) if newest else None
+    ray.tune.report(evaluations[-1], checkpoint=checkpoint)
 
 
 def run_pbt_segments(module: Any, config: Any, lineage: dict[str, Any], interval: int) -> None:
