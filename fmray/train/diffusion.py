@@ -87,6 +87,12 @@ class DiffusionSection(Section):
     """EMA of the trained weights (warmed up as min(decay, (1+s)/(10+s))); 0 disables EMA."""
     snr_gamma: float | None = Field(None, gt=0.0)
     """Min-SNR loss weighting with this gamma (5.0 in the paper); null: plain MSE."""
+    noisiest_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of training timesteps drawn from the noisiest `noisiest_span` of the schedule
+    (the rest uniform): there the image is all noise and only the prompt can say where the
+    object goes, which is what the first sampling step commits to. 0: all uniform."""
+    noisiest_span: float = Field(0.01, gt=0.0, le=1.0)
+    """Share of the schedule counted as noisiest (0.01: t >= 990 of 1000 timesteps)."""
 
 
 class SampleSection(Section):
@@ -385,9 +391,8 @@ def diffusion_loss(
         with torch.no_grad():
             hidden = encode_text(parts.space, parts.text_encoder, input_ids, attention_mask)
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    size = (latents.shape[0],)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, size, generator=generator)
-    timesteps = timesteps.to(device)
+    num_timesteps = scheduler.config.num_train_timesteps
+    timesteps = draw_timesteps(num_timesteps, latents.shape[0], diff, generator).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     target = (
@@ -398,6 +403,20 @@ def diffusion_loss(
     if diff is not None and diff.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, diff.snr_gamma)
     return per_sample.mean()
+
+
+def draw_timesteps(
+    num_timesteps: int, size: int, diff: DiffusionSection | None, generator: Any = None
+) -> torch.Tensor:
+    """Uniform training timesteps; with diffusion.noisiest_fraction, that share of them drawn
+    from the noisiest diffusion.noisiest_span of the schedule instead (`diff` None: uniform)."""
+    timesteps = torch.randint(0, num_timesteps, (size,), generator=generator)
+    if diff is None or diff.noisiest_fraction == 0:
+        return timesteps
+    low = num_timesteps - max(1, round(num_timesteps * diff.noisiest_span))
+    noisiest = torch.randint(low, num_timesteps, (size,), generator=generator)
+    pick = torch.rand(size, generator=generator) < diff.noisiest_fraction
+    return torch.where(pick, noisiest, timesteps)
 
 
 def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -33,6 +33,26 @@ def test_checker_reads_every_rendered_image_correctly() -> None:
     assert read_image(images[0] / 255.0) == read_image(images[0])
 
 
+def test_checker_reads_rounded_squares_and_ellipses() -> None:
+    """Generated squares come out with rounded corners (their fill ratio is a circle's), and
+    generated circles a little stretched: the corners of the bounding box tell them apart."""
+    from PIL import Image, ImageDraw
+
+    def drawn(shape: str, box: tuple[int, int, int, int], radius: int = 0) -> np.ndarray:
+        image = Image.new("RGB", (32, 32))
+        draw = ImageDraw.Draw(image)
+        if shape == "square":
+            draw.rounded_rectangle(box, radius=radius, fill=COLOURS["green"])
+        else:
+            draw.ellipse(box, fill=COLOURS["green"])
+        return np.asarray(image)
+
+    for radius in (2, 3, 4):
+        assert read_image(drawn("square", (2, 9, 15, 22), radius))["shape"] == "square"
+    for box in ((2, 9, 15, 22), (1, 9, 16, 22), (17, 7, 30, 24)):
+        assert read_image(drawn("circle", box))["shape"] == "circle"
+
+
 def test_built_in_set_is_balanced_and_deterministic() -> None:
     items = shape_items(108, seed=0)
     assert items == shape_items(108, seed=0) and items != shape_items(108, seed=1)
@@ -101,6 +121,24 @@ def test_min_snr_weights_match_the_closed_form() -> None:
     scheduler.register_to_config(prediction_type="v_prediction")
     expected_v = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)
     assert torch.allclose(min_snr_weights(scheduler, t, 5.0), expected_v)
+
+
+def test_noisiest_fraction_draws_that_share_from_the_top_of_the_schedule() -> None:
+    from fmray.train.diffusion import DiffusionSection, draw_timesteps
+
+    uniform = draw_timesteps(1000, 8, None, torch.Generator().manual_seed(0))
+    assert torch.equal(
+        uniform, torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(0))
+    )
+    assert torch.equal(
+        draw_timesteps(1000, 8, DiffusionSection(), torch.Generator().manual_seed(0)), uniform
+    )
+    diff = DiffusionSection(noisiest_fraction=0.5, noisiest_span=0.01)
+    drawn = draw_timesteps(1000, 20_000, diff, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, draw_timesteps(1000, 20_000, diff, torch.Generator().manual_seed(0)))
+    top = (drawn >= 990).float().mean().item()
+    assert abs(top - (0.5 + 0.5 * 0.01)) < 0.02, top  # the drawn half plus uniform's 1%
+    assert drawn.min() >= 0 and drawn.max() <= 999 and (drawn < 500).float().mean() > 0.2
 
 
 # ----------------------------------------------------------------------------- checkpoint
