@@ -4,6 +4,7 @@
     fmray quickstart                             # every stage into runs/quickstart/
     fmray quickstart --keep-serving              # ... and leave the endpoint up (Ctrl-C stops it)
     fmray quickstart --out /tmp/qs --port 8001
+    fmray quickstart --verbose                   # Ray's own log lines on the console too
     python -m fmray quickstart                   # the same as `fmray quickstart`
 
 Stages, each a recipe run from its tiny preset in jobs/ with a few overrides (fewer steps):
@@ -27,7 +28,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,11 @@ def jobs_dir() -> Path:
     raise ConfigError("fmray quickstart: no jobs/ presets here; run it from fmray's checkout")
 
 
-def build_stages(out: Path) -> list[Stage]:
-    """The lifecycle's stages, each reading what the one before it wrote."""
+def build_stages(out: Path, verbose: bool = False) -> list[Stage]:
+    """The lifecycle's stages, each reading what the one before it wrote; `verbose` sets every
+    Ray stage's logging.verbose (Ray's own log lines on the console too)."""
     o = out.resolve()
-    return [
+    stages = [
         Stage("tokenizer", "tokenizer", "", ["data.num_documents=3000", "data.vocab_size=512"],
               "byte-level BPE on the built-in corpus"),
         Stage("pretrain", "pretrain", "pretrain/tiny.yaml",
@@ -95,6 +97,14 @@ def build_stages(out: Path) -> list[Stage]:
               ["train.max_steps=200", "checkpoint.every_steps=100"],
               "text-to-image UNet on captioned shapes"),
     ]  # fmt: skip
+    if not verbose:
+        return stages
+    return [
+        stage
+        if stage.command == "tokenizer"
+        else replace(stage, overrides=[*stage.overrides, "logging.verbose=true"])
+        for stage in stages
+    ]
 
 
 def stage_tree(stage: Stage, out: Path) -> dict[str, Any]:
@@ -334,7 +344,7 @@ def ask_models(base: str, out: Path, with_images: bool) -> Served:
     return Served(base, example.prompt, example.response, answer, image_path)
 
 
-def serve_and_ask(out: Path, port: int, keep_serving: bool) -> Served:
+def serve_and_ask(out: Path, port: int, keep_serving: bool, verbose: bool = False) -> Served:
     """Deploy the aligned LLM (and the image model), send the requests, stop unless asked not to."""
     from ray import serve
 
@@ -342,10 +352,11 @@ def serve_and_ask(out: Path, port: int, keep_serving: bool) -> Served:
     from fmray.serve.app import build_application, required_cpus
 
     check_port_free(port)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: Ray's log
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: Ray's log
     config = serve_config(out, port)
     with_images = image_models_field() is not None
-    init_ray(None, required_cpus(config))
+    init_ray(None, required_cpus(config), verbose)
     serve.start(http_options={"host": config.serve.host, "port": port})
     serve.run(build_application(config), name=config.serve.app_name, route_prefix="/")
     try:
@@ -383,18 +394,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--keep-serving", action="store_true", help="leave the endpoint up (Ctrl-C stops it)"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines on the console too (logging.verbose=true for every stage)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_port_free(args.port)
     start = time.perf_counter()
-    results = run_stages(build_stages(out), out, run=run_recipe)
+    results = run_stages(build_stages(out, args.verbose), out, run=run_recipe)
     total = len(results) + 1
     with_images = image_models_field() is not None
     what = "the GRPO model and the diffusion model" if with_images else "the GRPO model"
     progress(f"{total}/{total} serve: {what} behind one endpoint on port {args.port}")
     serve_start = time.perf_counter()
-    served = serve_and_ask(out.resolve(), args.port, args.keep_serving)
+    served = serve_and_ask(out.resolve(), args.port, args.keep_serving, args.verbose)
     served.seconds = time.perf_counter() - serve_start
     progress(f"{total}/{total} serve: answered in {served.seconds:.0f} s")
     print_summary(results, served, out, time.perf_counter() - start, with_images)

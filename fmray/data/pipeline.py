@@ -95,6 +95,13 @@ class BlockWriter:
         self.pending = []
 
 
+# Ray options of the one-actor pools that tokenize a data set on the driver. Ray Data hands its
+# pool actors their constructor arguments through the object store, where a restarted actor
+# cannot count on finding them (Ray warns about every such actor that may restart): a lost
+# tokenizer actor fails the data step, and the run's next start builds the data again.
+TOKENIZER_POOL_ARGS: dict[str, Any] = {"max_restarts": 0}
+
+
 class TokenizeBatch:
     """Ray Data callable: text -> token ids (tokenizer loaded once per actor)."""
 
@@ -160,6 +167,7 @@ def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: 
         fn_constructor_args=(tokenizer_dir,),
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=1),
+        **TOKENIZER_POOL_ARGS,
     )
     staging = storage.staging_dir(root)
     writers = {name: BlockWriter(staging / name, data_cfg.seq_len) for name in ("train", "val")}

@@ -70,24 +70,61 @@ def local_ray_options() -> dict:
     return {"_system_config": {"enable_metrics_collection": False}}
 
 
+def set_local_env_defaults() -> None:
+    """Say explicitly what Ray and DeepSpeed would otherwise pick with a console notice, for an
+    embedded instance; the user's own RAY_AUTH_MODE and DS_ACCELERATOR win.
+
+    - Token authentication, Ray's default for a new local instance. Ray announces it unless
+      RAY_AUTH_MODE is set, and this process read its Ray config on import, so the mode is set
+      the way Ray sets it by default (the variable, then a config refresh), minus the notice.
+    - On a machine without a GPU, DeepSpeed's CPU accelerator, which it otherwise picks after a
+      warning in every process (workers get it through worker_env()).
+    """
+    if "RAY_AUTH_MODE" not in os.environ:
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                _enable_token_auth,
+            )
+        except ImportError:  # another Ray: it picks and announces the default itself
+            pass
+        else:
+            _enable_token_auth()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def disable_data_progress_bars() -> None:
+    """Ray Data reads RAY_DATA_DISABLE_PROGRESS_BARS once, when it is imported, which may be
+    before init_ray set it here; this driver's DataContext also travels with its datasets to the
+    training workers, whose bars would interleave with fmray's progress line."""
+    if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1":
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+
+
 def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray instance.
 
     A local instance advertises at least `required_cpus` + 1 CPUs: training workers hold their
     CPUs for the whole run, and Ray Data's reading tasks need a little room beside them.
     Unless `verbose`, the console shows fmray's lines, warnings and errors, not Ray's INFO lines
-    (fmray.distributed.console); Ray's log folder keeps everything either way.
+    nor its known-benign notices (fmray.distributed.console); Ray's log folder keeps everything
+    either way.
     """
     import ray
 
-    from fmray.distributed.console import install_console_filter, quiet_driver_loggers
+    from fmray.distributed.console import quiet_console
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        set_local_env_defaults()  # before worker_env(), which forwards them
     for key, value in worker_env().items():
         os.environ.setdefault(key, value)
-    address = address or os.environ.get("RAY_ADDRESS")
     apply_train_env(local=address is None)
+    disable_data_progress_bars()
     num_cpus, options = None, {}
     if address is None:
         num_cpus = max(os.cpu_count() or 1, int(required_cpus + 0.999) + 1)
@@ -103,8 +140,7 @@ def init_ray(address: str | None = None, required_cpus: float = 0.0, verbose: bo
         **options,
     )
     if not verbose:
-        install_console_filter()
-        quiet_driver_loggers()
+        quiet_console()
 
 
 def seed_everything(seed: int) -> None:

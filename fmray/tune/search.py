@@ -20,10 +20,14 @@ same command again resumes an interrupted search (`Tuner.restore`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from ray.tune import Callback
 
 from fmray.config import (
     ConfigError,
@@ -65,8 +69,16 @@ class SchedulerSection(Section):
     """PBT: trials in the bottom fraction clone one in the top fraction."""
 
 
+class TuneLoggingSection(Section):
+    verbose: bool = False
+    """Show Ray Tune's status tables and Ray's own log lines on the console too (they are always
+    in Ray's log folder); every trial's run gets logging.verbose=true as well. Otherwise fmray
+    prints one line per trial start and end."""
+
+
 class TuneConfig(Section):
     run: RunSection = RunSection(name="tune")
+    logging: TuneLoggingSection = TuneLoggingSection()
     recipe: str = "sft"
     """Recipe whose config is searched (tunable recipes are marked in fmray.recipes)."""
     base: str | None = None
@@ -212,6 +224,60 @@ def build_scheduler(config: TuneConfig, space: dict[str, Distribution], max_step
     return FIFOScheduler()
 
 
+class TrialProgress(Callback):
+    """fmray's console line for each trial event: started (with its params), finished or stopped
+    early (at which step, with the searched metric), failed (with Tune's error file)."""
+
+    def __init__(self, metric: str, max_steps: int) -> None:
+        self.metric = metric
+        self.max_steps = max_steps
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        params = ", ".join(f"{key}={format_value(v)}" for key, v in sorted(trial.config.items()))
+        print(f"[fmray] trial {trial.trial_id} started | {params}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        step = result.get("step")
+        ended = "finished" if step is None or step >= self.max_steps else "stopped early"
+        line = f"[fmray] trial {trial.trial_id} {ended}"
+        if step is not None:
+            line += f" at step {step}"
+        if self.metric in result:
+            line += f" | {self.metric} {format_value(result[self.metric])}"
+        print(line, flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        step = (trial.last_result or {}).get("step")
+        where = f" after step {step}" if step is not None else ""
+        print(
+            f"[fmray] trial {trial.trial_id} failed{where} | error: {trial.error_file}", flush=True
+        )
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@contextlib.contextmanager
+def tune_console(verbose: bool) -> Iterator[None]:
+    """Unless verbose: Tune's legacy output engine, which prints nothing at verbose=0 (the new
+    one still prints the experiment's set-up box and where results go); fmray's TrialProgress
+    and results table report the search."""
+    if verbose:
+        yield
+        return
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
 def build_tuner(
     config: TuneConfig,
     exp_dir: Path,
@@ -243,8 +309,8 @@ def build_tuner(
             storage_path=storage.resolve(config.run.output_dir),
             # PBT clones from checkpoints: keep a few beyond the newest one.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-            callbacks=[ReleaseStoppedTrials(exp_dir)],
-            verbose=1,
+            callbacks=[ReleaseStoppedTrials(exp_dir), TrialProgress(config.metric, max_steps)],
+            verbose=1 if config.logging.verbose else 0,
         ),
     )
 
@@ -280,7 +346,8 @@ def run(config: TuneConfig, address: str | None = None) -> Any:
 
     # --- cluster: how many trials fit at once
     scaling = user_base["scaling"]
-    init_ray(address, scaling["num_workers"] * scaling["cpus_per_worker"] + TRIAL_DRIVER_CPUS)
+    required_cpus = scaling["num_workers"] * scaling["cpus_per_worker"] + TRIAL_DRIVER_CPUS
+    init_ray(address, required_cpus, config.logging.verbose)
     max_concurrent = derive_max_concurrent(
         ray.cluster_resources(), scaling, config.max_concurrent_trials
     )
@@ -288,6 +355,8 @@ def run(config: TuneConfig, address: str | None = None) -> Any:
 
     # --- shared data: tokenized once here, so concurrent trials never race to build it
     trial_base = apply_params(user_base, {"data.cache_dir": str(exp_dir / "data")})
+    if config.logging.verbose:
+        trial_base = apply_params(trial_base, {"logging.verbose": True})
     prepare = apply_params(trial_base, {"run.output_dir": str(exp_dir), "run.name": "prepare"})
     plan = module.prepare_run(config_class.model_validate(prepare))
     trial_base = apply_params(trial_base, {"data.tokenizer": plan.tokenizer_dir})
@@ -312,6 +381,7 @@ def run(config: TuneConfig, address: str | None = None) -> Any:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
         tuner = build_tuner(config, exp_dir, trainable, space, max_steps, max_concurrent)
-    results = tuner.fit()
+    with tune_console(config.logging.verbose):
+        results = tuner.fit()
     summarize(results, config, user_base, space, exp_dir)
     return results

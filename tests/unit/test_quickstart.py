@@ -111,11 +111,27 @@ def test_stages_chain_their_run_folders(tmp_path) -> None:
         }
 
 
+def test_verbose_sets_logging_verbose_in_every_ray_stage(tmp_path) -> None:
+    from fmray.config import validate_config
+    from fmray.recipes import recipe_config_class
+
+    for stage in quickstart.build_stages(tmp_path, verbose=True):
+        config = validate_config(
+            recipe_config_class(stage.command), quickstart.stage_tree(stage, tmp_path)
+        )
+        # The tokenizer runs without Ray; fmray tune passes the setting on to its trials.
+        assert stage.command == "tokenizer" or config.logging.verbose, stage.name
+    for stage in quickstart.build_stages(tmp_path):
+        assert "logging.verbose=true" not in stage.overrides
+
+
 def test_quickstart_runs_each_stage_once_and_summarises(tmp_path, capsys, monkeypatch) -> None:
     calls: list[str] = []
     served: list[tuple[Path, int, bool]] = []
 
-    def fake_serve(out: Path, port: int, keep_serving: bool) -> quickstart.Served:
+    def fake_serve(
+        out: Path, port: int, keep_serving: bool, verbose: bool = False
+    ) -> quickstart.Served:
         served.append((out, port, keep_serving))
         image = out / "quickstart_image.png"
         image.write_bytes(b"png")

@@ -119,3 +119,53 @@ def test_summary_writes_table_best_config_and_lineage(
     printed = capsys.readouterr().out
     assert "stopped early" in printed and "best config" in printed
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+
+
+@dataclass
+class FakeTrial:
+    """The parts of a ray.tune Trial that TrialProgress reads."""
+
+    trial_id: str
+    config: dict[str, Any]
+    last_result: dict[str, Any] = field(default_factory=dict)
+    error_file: str | None = None
+
+
+def test_trial_progress_prints_one_line_per_trial_event(capsys: pytest.CaptureFixture) -> None:
+    from fmray.tune.search import TrialProgress
+
+    progress = TrialProgress("val_margin", max_steps=20)
+    trial = FakeTrial("eb142_00000", {"train.lr": 5.58351861634097e-05, "dpo.beta": 0.21673})
+    progress.on_trial_start(0, [], trial)
+    trial.last_result = {"step": 20, "val_margin": 0.140643141050532}
+    progress.on_trial_complete(1, [], trial)
+    stopped = FakeTrial("eb142_00001", {"dpo.beta": 0.0549}, {"step": 10, "val_margin": 0.01169})
+    progress.on_trial_complete(2, [], stopped)
+    failed = FakeTrial("eb142_00002", {"dpo.beta": 0.1}, {"step": 10}, "/x/error.txt")
+    progress.on_trial_error(3, [], failed)
+    assert capsys.readouterr().out.splitlines() == [
+        "[fmray] trial eb142_00000 started | dpo.beta=0.2167, train.lr=5.584e-05",
+        "[fmray] trial eb142_00000 finished at step 20 | val_margin 0.1406",
+        "[fmray] trial eb142_00001 stopped early at step 10 | val_margin 0.01169",
+        "[fmray] trial eb142_00002 failed after step 10 | error: /x/error.txt",
+    ]
+
+
+def test_tune_console_uses_tunes_quiet_engine_unless_verbose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fmray.tune.search import tune_console
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    with tune_console(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    with tune_console(verbose=True):
+        assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    with tune_console(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    tree = {"recipe": "sft", "search_space": {"train.lr": "loguniform(1e-5, 1e-3)"}}
+    config = validate_config(TuneConfig, {**tree, "logging": {"verbose": True}})
+    assert config.logging.verbose
