@@ -315,6 +315,8 @@ def test_cluster_messages_lose_the_benign_notices_while_the_filter_is_on(
 
     printed: list[dict[str, Any]] = []
     notices = filtered_error_messages(lambda data, ignore_prefix: printed.append(data))
+    # An earlier test's Ray session may have left its filter installed: set both states here.
+    monkeypatch.setattr(dispatcher, "handlers", [(RAY_PRINT_HANDLER, print)])
     for line in [*BENIGN_RAYLET, *REAL_RAYLET]:
         notices({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     monkeypatch.setattr(dispatcher, "handlers", [(RAY_PRINT_HANDLER, ConsoleFilter(print))])
