@@ -326,7 +326,7 @@ def build_image_data(
     runs with the same settings and tokenizer reuse the shards."""
     import ray.data
 
-    from fmray.data.pipeline import TOKENIZER_POOL_ARGS, iter_in_order
+    from fmray.data.pipeline import iter_in_order, map_on_tokenizer_actor
 
     root = storage.join(cache_root, data_key(data, seed, resolution, tokenizer_dir))
     done = storage.join(root, "images.json")
@@ -339,12 +339,11 @@ def build_image_data(
             )
         else:
             rows = read_folder(data, resolution)
-        tokenized = rows.map_batches(
+        tokenized = map_on_tokenizer_actor(
+            rows,
             TokenizeCaptions,
             fn_constructor_args=(tokenizer_dir, text_len, space),
             batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            **TOKENIZER_POOL_ARGS,
         )
         staging = storage.staging_dir(root)
         counts, eval_captions = write_rows(iter_in_order(tokenized), staging, data.val_fraction)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,11 +96,25 @@ class BlockWriter:
         self.pending = []
 
 
-# Ray options of the one-actor pools that tokenize a data set on the driver. Ray Data hands its
-# pool actors their constructor arguments through the object store, where a restarted actor
-# cannot count on finding them (Ray warns about every such actor that may restart): a lost
-# tokenizer actor fails the data step, and the run's next start builds the data again.
-TOKENIZER_POOL_ARGS: dict[str, Any] = {"max_restarts": 0}
+def map_on_tokenizer_actor(dataset: Any, fn: type, **kwargs: Any) -> Any:
+    """`dataset.map_batches(fn, ...)` on one actor (the callable class loads its tokenizer once)
+    that Ray does not restart.
+
+    Ray Data hands its pool actors their constructor arguments through the object store, where a
+    restarted actor cannot count on finding them, and Ray logs an error line for every such actor
+    that may restart. A lost tokenizer actor fails the data step instead; the run's next start
+    builds the data again. Ray 2.60 takes `max_restarts` only among the remote arguments that it
+    deprecates (for removal in 2.64, which will fail here loudly), so that notice is silenced.
+    """
+    import ray.data
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning
+        )
+        return dataset.map_batches(
+            fn, compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0, **kwargs
+        )
 
 
 class TokenizeBatch:
@@ -151,7 +166,6 @@ def packed_data_key(data_cfg: Any, seed: int, tokenizer_dir: str) -> str:
 def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: str) -> PackedData:
     """Tokenize and pack once into `cache_root` (local or remote); later calls with the same key
     reuse the parquet shards. The shards are built in a staging folder and published whole."""
-    import ray.data
 
     from fmray.data.tokenizer import load_tokenizer
 
@@ -162,12 +176,8 @@ def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: 
         return PackedData(root, meta["seq_len"], meta["num_train_blocks"], meta["num_val_blocks"])
     eos_id = load_tokenizer(tokenizer_dir).eos_token_id
     documents = read_documents(data_cfg.source, data_cfg.text_field, data_cfg.num_documents, seed)
-    tokenized = documents.map_batches(
-        TokenizeBatch,
-        fn_constructor_args=(tokenizer_dir,),
-        batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        **TOKENIZER_POOL_ARGS,
+    tokenized = map_on_tokenizer_actor(
+        documents, TokenizeBatch, fn_constructor_args=(tokenizer_dir,), batch_size=256
     )
     staging = storage.staging_dir(root)
     writers = {name: BlockWriter(staging / name, data_cfg.seq_len) for name in ("train", "val")}

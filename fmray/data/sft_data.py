@@ -373,16 +373,15 @@ def tokenize_with_ray_data(
     """Tokenize in parallel with Ray Data; results come back in the input order."""
     import ray.data
 
-    from fmray.data.pipeline import DATA_TASK_CPUS, TOKENIZER_POOL_ARGS, iter_in_order
+    from fmray.data.pipeline import DATA_TASK_CPUS, iter_in_order, map_on_tokenizer_actor
 
     items = [{"position": i, "conversation": json.dumps(c)} for i, c in enumerate(conversations)]
-    tokenized = ray.data.from_items(items).map_batches(
+    tokenized = map_on_tokenizer_actor(
+        ray.data.from_items(items),
         TokenizeConversations,
         fn_constructor_args=(tokenizer_dir, template),
         batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=DATA_TASK_CPUS,
-        **TOKENIZER_POOL_ARGS,
     )
     pairs: list[tuple[list[int], list[int]]] = [([], [])] * len(conversations)
     for batch in iter_in_order(tokenized):
