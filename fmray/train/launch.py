@@ -162,6 +162,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from fmray.data.pipeline import rank_datasets
+    from fmray.distributed.worker_groups import ReleaseFailedWorkerGroup
 
     train, scaling = config.train, config.scaling
     workers, micro = scaling.num_workers, train.micro_batch_size
@@ -187,7 +188,7 @@ def build_trainer(
             storage_path=storage.resolve(config.run.output_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            callbacks=callbacks,
+            callbacks=[ReleaseFailedWorkerGroup(), *(callbacks or [])],
             # Ray Train's own INFO lines go to its log files, not the console, unless verbose.
             logging_config=LoggingConfig(log_level="INFO" if config.logging.verbose else "WARNING"),
         ),
@@ -217,7 +218,10 @@ def fit(config: Any, make_trainer: Any) -> Any:
 
     budget = config.scaling.max_failures
     refits = 0
+    from fmray.distributed.worker_groups import free_orphaned_worker_groups
+
     while True:
+        free_orphaned_worker_groups()
         try:
             return make_trainer(config).fit()
         except ControllerError as error:
