@@ -58,8 +58,11 @@ def remove(group_id: bytes) -> bool:
 def free_orphaned_worker_groups() -> list[str]:
     """Remove the reserved placement groups whose creator is a dead Ray Train controller (their
     workers died with it, so they can serve nobody); the ids removed."""
+    import ray
     from ray._private.state import state
 
+    if not ray.is_initialized():
+        return []
     freed = []
     for group in placement_groups():
         creator = group.creator_actor_id
