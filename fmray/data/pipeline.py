@@ -166,7 +166,6 @@ def packed_data_key(data_cfg: Any, seed: int, tokenizer_dir: str) -> str:
 def build_packed_data(data_cfg: Any, seed: int, tokenizer_dir: str, cache_root: str) -> PackedData:
     """Tokenize and pack once into `cache_root` (local or remote); later calls with the same key
     reuse the parquet shards. The shards are built in a staging folder and published whole."""
-
     from fmray.data.tokenizer import load_tokenizer
 
     root = storage.join(cache_root, packed_data_key(data_cfg, seed, tokenizer_dir))
