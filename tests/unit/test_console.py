@@ -332,7 +332,8 @@ def test_install_wraps_rays_cluster_message_printer_once(monkeypatch: pytest.Mon
 
     from fmray.distributed.console import RAY_PRINT_HANDLER, install_console_filter
 
-    original = ray_worker.print_to_stdstream
+    # Ray's own printer, even where an earlier test's Ray session left it wrapped.
+    original = getattr(ray_worker.print_to_stdstream, "fmray_wraps", ray_worker.print_to_stdstream)
     monkeypatch.setattr(ray_worker, "print_to_stdstream", original)
     monkeypatch.setattr(dispatcher, "handlers", [(RAY_PRINT_HANDLER, print)])
     assert install_console_filter()
