@@ -1,8 +1,8 @@
 """Reward model and DPO on the local Ray cluster, from the session's SFT model (`sft_run`), on
 the built-in preference pairs: both learn the held-out preferences with ZeRO-3 on 2 workers, the
-reward model's export scores in stock transformers outside Ray, and a DPO run whose worker is
-with its reference scores precomputed ends as the uninterrupted run (and, with `make test-faults`,
-does so with a worker SIGKILLed after a checkpoint)."""
+reward model's export scores in stock transformers outside Ray, and a DPO run with its reference
+scores precomputed ends as the uninterrupted run (with `make test-faults`, also when a worker is
+SIGKILLed after a checkpoint)."""
 
 from __future__ import annotations
 

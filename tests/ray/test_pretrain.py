@@ -107,7 +107,8 @@ STAGES = (0, 2, 3)
 # ZeRO-3 against the plain loop is the two-node test's (tests/ray/test_multinode.py) and its
 # export the unit tier's (test_checkpoint_format.py). ZeRO-0 on 2 workers trains the session's
 # diffusion fit (tests/ray/conftest.py), whose `fmray export` test_diffusion.py checks. Their
-# fits against the plain loop run with `make test-faults`; `make test` fits ZeRO-2 here.
+# fits against the plain loop, and their exports, run with `make test-faults`; `make test` fits
+# ZeRO-2 here (both tests use SUITE_STAGES).
 SUITE_STAGES = (
     2,
     pytest.param(0, marks=pytest.mark.faults),
@@ -333,10 +334,7 @@ EXPORT_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    "stage",
-    [2, pytest.param(0, marks=pytest.mark.faults), pytest.param(3, marks=pytest.mark.faults)],
-)
+@pytest.mark.parametrize("stage", SUITE_STAGES)
 def test_export_loads_in_plain_transformers(stage: int, stage_runs, workdir: Path) -> None:
     """`fmray export` rebuilds the weights from the DeepSpeed files; a fresh process with plain
     transformers loads them and gets the in-training export's logits."""
