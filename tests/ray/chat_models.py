@@ -58,6 +58,13 @@ def pretrain_in_process(tokenizer_dir: Path, out_dir: Path, steps: int = 200) ->
     return out_dir
 
 
+# The SFT fixture's early checkpoint: after 40 of 120 steps the model answers a third of the
+# training questions about people and 2 of the 67 held-out questions, mostly well-formed
+# sentences about the wrong person ("How old is Tara?" -> "Carl is 33 years old."); at 120 steps
+# held-out exact match is 0.27.
+SFT_EARLY_STEP = 40
+
+
 def sft_config(model_path: Path, out: Path, **sections: dict[str, Any]) -> sft.SFTConfig:
     tree: dict[str, Any] = {
         "run": {"name": "sft", "output_dir": str(out)},

@@ -1,6 +1,7 @@
-"""GRPO and PPO on the local Ray cluster, from the session's SFT model (`sft_run`): GRPO through
-`fmray grpo` with the exact-match rule (ZeRO-2), PPO with the session's reward model summed with
-the rule (ZeRO-3) and a worker SIGKILLed after a checkpoint, resumed and finished. Each raises
+"""GRPO and PPO on the local Ray cluster, from the session's SFT fit (`sft_run`): GRPO through
+`fmray grpo` with the exact-match rule (ZeRO-2) from its short, step-40 checkpoint, raising
+held-out exact match; PPO with the session's reward model summed with the rule (ZeRO-3) from
+the finished SFT model, a worker SIGKILLed after a checkpoint, resumed and finished. Each raises
 the mean reward of its rollouts; their exports are the trained policies."""
 
 from __future__ import annotations
@@ -17,20 +18,31 @@ import torch
 
 from fmray.config import validate_config
 from fmray.rl import ppo
+from tests.ray.chat_models import SFT_EARLY_STEP
 from tests.ray.test_pretrain import kill_a_worker_after
 
 pytestmark = pytest.mark.ray
 
-# Measured here (docs/align.md), on 16 fixed training prompts, from the session's SFT model:
-# GRPO's mean exact-match reward of its rollouts gains 0.15 from steps 1-10 to steps 21-30
-# (0.25 from another SFT model); PPO's reward (reward model + exact match) gains 0.21 from
-# steps 1-4 to steps 5-8, and the held-out mean reward of greedy replies 1.79 -> 2.04.
-# Held-out exact match moves by a question or two of 32 either way (the tiny SFT model does
-# not know most held-out facts; see docs/align.md).
-MIN_GRPO_REWARD_GAIN = 0.07
+# Measured here (docs/align.md), three seeds of the GRPO test's run (60 steps on the training
+# questions about people, from the SFT fit's step-40 checkpoint): the mean exact-match reward
+# of its rollouts gains 0.32-0.38 from steps 1-10 to steps 51-60, and held-out exact match
+# (all 67 held-out questions, facts neither SFT nor RL asked) rises from 2 to 7-10 questions.
+# PPO, from the finished SFT model on 16 fixed training prompts: the reward (reward model + exact
+# match) gains 0.21 from steps 1-4 to steps 5-8, and the held-out mean reward of greedy replies
+# 1.79 -> 2.04; held-out exact match moves by a question or two of 32 either way (PPO's held-out
+# exact match from the short SFT start does not rise reliably; see docs/align.md).
+MIN_GRPO_REWARD_GAIN = 0.15
+MIN_GRPO_HELDOUT_GAIN = 3  # questions of 67
 MIN_PPO_REWARD_GAIN = 0.08
 MIN_PPO_HELDOUT_REWARD_GAIN = 0.05
 MAX_HELDOUT_EXACT_MATCH_DROP = 0.1
+
+
+def write_prompt_file(path: Path, examples: list[Any]) -> Path:
+    path.write_text(
+        "".join(json.dumps({"prompt": e.prompt, "reference": e.response}) + "\n" for e in examples)
+    )
+    return path
 
 
 def write_prompts(out: Path, num_train: int, num_eval: int) -> tuple[Path, Path]:
@@ -38,16 +50,10 @@ def write_prompts(out: Path, num_train: int, num_eval: int) -> tuple[Path, Path]
     from fmray.data.instructions import build_task
 
     task = build_task(0)
-    files = []
-    for name, examples in (("train", task.train[:num_train]), ("eval", task.heldout[:num_eval])):
-        path = out / f"{name}.jsonl"
-        path.write_text(
-            "".join(
-                json.dumps({"prompt": e.prompt, "reference": e.response}) + "\n" for e in examples
-            )
-        )
-        files.append(path)
-    return files[0], files[1]
+    return (
+        write_prompt_file(out / "train.jsonl", task.train[:num_train]),
+        write_prompt_file(out / "eval.jsonl", task.heldout[:num_eval]),
+    )
 
 
 def kill_once_registered(run_dir: Path, name: str, killed: list[int]) -> None:
@@ -96,37 +102,50 @@ def greedy_exact_match(model_dir: Path, prompts_file: Path, max_new_tokens: int)
     return correct / len(lines)
 
 
-def test_grpo_cli_raises_the_rule_reward(
+def test_grpo_cli_raises_the_rule_reward_and_heldout_exact_match(
     sft_run: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    """GRPO after a short SFT, as DeepSeek-R1's cold start: the step-40 model answers a third of
+    the training questions about people, and most of its misses are well-formed answers about
+    the wrong person. Rewarded for exact answers to the training questions, the policy answers
+    more held-out questions too (their facts are in the pretrained weights)."""
     from fmray.cli import main
+    from fmray.data.instructions import build_task
 
-    sft_model = Path(sft_run.checkpoint.path) / "hf"
-    train_file, eval_file = write_prompts(tmp_path, 16, 32)
+    early = Path(sft_run.checkpoint.path).parent / f"checkpoint_{SFT_EARLY_STEP:08d}" / "hf"
+    task = build_task(0)
+    people = [e for e in task.train if ":" in e.key]  # arithmetic keys are the question
+    train_file = write_prompt_file(tmp_path / "train.jsonl", people)
+    eval_file = write_prompt_file(tmp_path / "eval.jsonl", task.heldout)
     main(
         [
             "grpo",
             "--config",
             "jobs/grpo/tiny.yaml",
-            f"model.path={sft_model}",
+            f"model.path={early}",
             f"run.output_dir={tmp_path}",
             f"data.source={train_file}",
             f"data.eval_source={eval_file}",
-            "train.max_steps=30",
-            "train.lr=2.0e-4",
-            "train.eval_every=30",
-            "checkpoint.every_steps=30",
+            "rollout.samples_per_prompt=8",
+            "rollout.temperature=0.7",
+            "train.max_steps=60",
+            "train.lr=3.0e-4",
+            "train.eval_every=60",
+            "checkpoint.every_steps=60",
             "logging.tensorboard=false",
         ]
     )
     console = capfd.readouterr().out
-    assert "[fmray] step 30/30 | reward" in console and "HF export" in console
+    assert "[fmray] step 60/60 | reward" in console and "HF export" in console
     run = records(tmp_path / "grpo-tiny")
     start, final = run[0], run[-1]
     print(f"GRPO: start {start}, final {final}, reward gain {reward_gain(run, 10):.3f}")
-    assert start["step"] == 0 and final["step"] == 30
+    assert start["step"] == 0 and final["step"] == 60
     assert reward_gain(run, 10) >= MIN_GRPO_REWARD_GAIN
-    assert final["val_exact_match"] >= start["val_exact_match"] - MAX_HELDOUT_EXACT_MATCH_DROP
+    num_heldout = len(task.heldout)
+    start_right = round(start["val_exact_match"] * num_heldout)
+    final_right = round(final["val_exact_match"] * num_heldout)
+    assert final_right >= start_right + MIN_GRPO_HELDOUT_GAIN
     for key in ("kl", "kl_k3", "entropy", "clip_fraction", "response_length", "reward_std"):
         assert key in final
     for phase in ("generation", "scoring", "training"):
@@ -134,9 +153,9 @@ def test_grpo_cli_raises_the_rule_reward(
     assert final["generation_tokens_per_s"] > 0
 
     # The export is the trained policy: stock transformers' greedy answers score as the run did.
-    export = tmp_path / "grpo-tiny" / "checkpoint_00000030" / "hf"
+    export = tmp_path / "grpo-tiny" / "checkpoint_00000060" / "hf"
     assert greedy_exact_match(export, eval_file, 16) == pytest.approx(
-        final["val_exact_match"], abs=1 / 32
+        final["val_exact_match"], abs=1 / num_heldout
     )
 
 
