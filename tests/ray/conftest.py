@@ -68,7 +68,7 @@ def sft_run(ray_cluster, pretrained_base, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def reward_run(sft_run, tmp_path_factory: pytest.TempPathFactory):
     """One `fmray reward` fit (2 workers, ZeRO-3, 80 steps) from the SFT model: the reward-model
-    test checks it; PPO's test scores with it and starts its critic from it."""
+    test checks it; PPO's tests score with it (the fault-tier one starts its critic from it)."""
     from pathlib import Path
 
     from fmray.config import validate_config

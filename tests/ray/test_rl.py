@@ -1,8 +1,9 @@
 """GRPO and PPO on the local Ray cluster, from the session's SFT fit (`sft_run`): GRPO through
-`fmray grpo` with the exact-match rule (ZeRO-2) from its short, step-40 checkpoint, raising
-held-out exact match; PPO with the session's reward model summed with the rule (ZeRO-3) from
-the finished SFT model, a worker SIGKILLed after a checkpoint, resumed and finished. Each raises
-the mean reward of its rollouts; their exports are the trained policies."""
+`fmray grpo` with the exact-match rule and PPO with the session's reward model summed with the
+rule, both (ZeRO-2) from the fit's short, step-40 checkpoint, each raising the mean reward of
+its rollouts and held-out exact match. With `make test-faults`: PPO (ZeRO-3) with a worker
+SIGKILLed after a checkpoint, resumed and finished, and GRPO's restarted group against the
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -27,15 +28,24 @@ pytestmark = pytest.mark.ray
 # questions about people, from the SFT fit's step-40 checkpoint): the mean exact-match reward
 # of its rollouts gains 0.32-0.38 from steps 1-10 to steps 51-60, and held-out exact match
 # (all 67 held-out questions, facts neither SFT nor RL asked) rises from 2 to 7-10 questions.
-# PPO, from the finished SFT model on 16 fixed training prompts: the reward (reward model + exact
-# match) gains 0.21 from steps 1-4 to steps 5-8, and the held-out mean reward of greedy replies
-# 1.79 -> 2.04; held-out exact match moves by a question or two of 32 either way (PPO's held-out
-# exact match from the short SFT start does not rise reliably; see docs/align.md).
+# PPO from the same checkpoint and prompts (0.1 x the session's reward model + exact match,
+# lambda 1, critic on the policy's backbone at critic_lr 5e-4, a constant lr), three seeds over
+# the test's 40 steps: the reward gains 0.15-0.19 and its exact-match part 0.15-0.17 from steps
+# 1-10 to 31-40; held-out exact match 2 -> 8 / 7 / 6 (60 steps: 6 / 5 / 6). With the reward
+# model at weight 0.25 and above, the exact-match part does not rise and neither does held-out
+# exact match (docs/align.md).
+# PPO in the fault tier, from the finished SFT model on 16 fixed training prompts: the reward
+# gains 0.21 from steps 1-4 to steps 5-8, the held-out mean reward of greedy replies
+# 1.79 -> 2.04.
 MIN_GRPO_REWARD_GAIN = 0.15
 MIN_GRPO_HELDOUT_GAIN = 3  # questions of 67
+PPO_REWARD_MODEL_WEIGHT = 0.1
 MIN_PPO_REWARD_GAIN = 0.08
-MIN_PPO_HELDOUT_REWARD_GAIN = 0.05
-MAX_HELDOUT_EXACT_MATCH_DROP = 0.1
+MIN_PPO_RULE_GAIN = 0.08
+MIN_PPO_HELDOUT_GAIN = 2  # questions of 67
+MIN_KILL_PPO_REWARD_GAIN = 0.08
+MIN_KILL_PPO_HELDOUT_REWARD_GAIN = 0.05
+MAX_KILL_HELDOUT_EXACT_MATCH_DROP = 0.1
 
 
 def write_prompt_file(path: Path, examples: list[Any]) -> Path:
@@ -73,8 +83,13 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def reward_gain(run: list[dict[str, Any]], window: int) -> float:
-    rewards = [r["reward_mean"] for r in run if "reward_mean" in r]
-    return mean(rewards[-window:]) - mean(rewards[:window])
+    return part_gain(run, "reward_mean", window)
+
+
+def part_gain(run: list[dict[str, Any]], key: str, window: int) -> float:
+    """Mean of `key` over the run's last `window` steps minus its mean over the first."""
+    values = [r[key] for r in run if key in r]
+    return mean(values[-window:]) - mean(values[:window])
 
 
 def greedy_exact_match(model_dir: Path, prompts_file: Path, max_new_tokens: int) -> float:
@@ -159,9 +174,84 @@ def test_grpo_cli_raises_the_rule_reward_and_heldout_exact_match(
     )
 
 
+def test_ppo_with_reward_model_raises_the_reward_and_heldout_exact_match(
+    sft_run: Any, reward_run: Any, tmp_path: Path, record_property: Any
+) -> None:
+    """PPO from the same step-40 SFT checkpoint as GRPO, rewarded by the session's reward model
+    (weight 0.1) plus the exact-match rule, with GAE lambda 1 and a critic on the policy's
+    backbone: the rule's reward rises, and the policy answers more held-out questions."""
+    from fmray.data.instructions import build_task
+
+    early = Path(sft_run.checkpoint.path).parent / f"checkpoint_{SFT_EARLY_STEP:08d}" / "hf"
+    reward_model = Path(reward_run.checkpoint.path).parent  # a run folder: its newest export
+    task = build_task(0)
+    people = [e for e in task.train if ":" in e.key]
+    train_file = write_prompt_file(tmp_path / "train.jsonl", people)
+    eval_file = write_prompt_file(tmp_path / "eval.jsonl", task.heldout)
+    tree = {
+        "run": {"name": "ppo", "output_dir": str(tmp_path)},
+        "model": {"path": str(early)},
+        "data": {"source": str(train_file), "eval_source": str(eval_file)},
+        "rollout": {
+            "prompts_per_step": 16,
+            "samples_per_prompt": 8,
+            "max_new_tokens": 16,
+            "temperature": 0.7,
+        },
+        "reward": {
+            "model": str(reward_model),
+            "rule": "fmray.rl.rewards:exact_match",
+            "model_weight": PPO_REWARD_MODEL_WEIGHT,
+        },
+        "ppo": {
+            "epochs": 1,
+            "lam": 1.0,
+            "kl_target": 0.5,
+            "critic": str(early),  # the policy's backbone with a fresh value head
+            "critic_lr": 5e-4,
+        },
+        "train": {"max_steps": 40, "micro_batch_size": 16, "lr": 3e-4, "eval_every": 20},
+        "eval": {"num_examples": len(task.heldout)},
+        "zero": {"stage": 2},
+        "checkpoint": {"every_steps": 40},
+        "scaling": {"num_workers": 2},
+        "logging": {"tensorboard": False},
+    }
+    result = ppo.run(validate_config(ppo.PPOConfig, tree))
+    assert result.error is None and result.metrics["step"] == 40
+    run = records(tmp_path / "ppo")
+    start, final = run[0], run[-1]
+    rule_gain = part_gain(run, "reward_rule", 10)
+    print(f"PPO: start {start}, final {final}, reward gain {reward_gain(run, 10):.3f}")
+    assert [r["step"] for r in run if "reward_mean" in r] == list(range(1, 41))
+    assert reward_gain(run, 10) >= MIN_PPO_REWARD_GAIN
+    assert rule_gain >= MIN_PPO_RULE_GAIN
+    num_heldout = len(task.heldout)
+    start_right = round(start["val_exact_match"] * num_heldout)
+    final_right = round(final["val_exact_match"] * num_heldout)
+    assert final_right >= start_right + MIN_PPO_HELDOUT_GAIN
+    for key in ("value_loss", "value_clip_fraction", "kl_coef", "reward_model", "reward_rule"):
+        assert key in final
+    # The adaptive coefficient follows Ziegler et al.'s update from each step to the next.
+    logged = [r for r in run if "kl_coef" in r]
+    for before, after in zip(logged, logged[1:], strict=False):
+        error = min(max(before["kl"] / 0.5 - 1.0, -0.2), 0.2)
+        assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error * 128 / 10000))
+    meta = json.loads((Path(result.checkpoint.path) / "fmray.json").read_text())
+    assert meta["modules"] == ["model", "critic"]
+    record_property(
+        "ppo_heldout",
+        f"held-out exact match {start_right} -> {final_right} of {num_heldout}, "
+        f"rule reward gain {rule_gain:.3f}",
+    )
+
+
+@pytest.mark.faults  # a fit and a restart: `make test-faults`
 def test_ppo_with_reward_model_zero3_survives_a_killed_worker(
     sft_run: Any, reward_run: Any, tmp_path: Path, record_property: Any
 ) -> None:
+    """PPO (ZeRO-3) from the finished SFT model on 16 fixed training prompts, a worker SIGKILLed
+    once checkpoint 4 is registered: the restarted group resumes from it and finishes."""
     sft_model = Path(sft_run.checkpoint.path) / "hf"
     reward_model = Path(reward_run.checkpoint.path).parent  # a run folder: its newest export
     train_file, eval_file = write_prompts(tmp_path, 16, 32)
@@ -193,9 +283,9 @@ def test_ppo_with_reward_model_zero3_survives_a_killed_worker(
     print(f"PPO: start {start}, final {final}, reward gain {reward_gain(run, 4):.3f}")
     steps = [r["step"] for r in run if "reward_mean" in r]
     assert steps == list(range(1, 9))  # the resumed group replayed nothing twice, lost nothing
-    assert reward_gain(run, 4) >= MIN_PPO_REWARD_GAIN
-    assert final["val_reward"] >= start["val_reward"] + MIN_PPO_HELDOUT_REWARD_GAIN
-    assert final["val_exact_match"] >= start["val_exact_match"] - MAX_HELDOUT_EXACT_MATCH_DROP
+    assert reward_gain(run, 4) >= MIN_KILL_PPO_REWARD_GAIN
+    assert final["val_reward"] >= start["val_reward"] + MIN_KILL_PPO_HELDOUT_REWARD_GAIN
+    assert final["val_exact_match"] >= start["val_exact_match"] - MAX_KILL_HELDOUT_EXACT_MATCH_DROP
     for key in ("value_loss", "value_clip_fraction", "kl_coef", "reward_model", "reward_rule"):
         assert key in final
     # The adaptive coefficient follows Ziegler et al.'s update from each step to the next,
