@@ -55,8 +55,9 @@ def pretrained_base(tiny_tokenizer_dir, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def sft_run(ray_cluster, pretrained_base, tmp_path_factory: pytest.TempPathFactory):
     """One `fmray sft` fit (2 workers, ZeRO-2, 120 steps) of the pretrained base on the built-in
-    task: the SFT test checks it; the reward-model, DPO and PPO tests start from its HF export.
-    Its step-40 checkpoint (`SFT_EARLY_STEP`) stays too: GRPO starts from that short SFT."""
+    task: the SFT test checks it; the reward-model, DPO and fault-tier PPO tests start from its
+    HF export. Its step-40 checkpoint (`SFT_EARLY_STEP`) stays too: GRPO's and PPO's tests start
+    from that short SFT."""
     from fmray.train import sft
     from tests.ray.chat_models import SFT_EARLY_STEP, sft_config
 
