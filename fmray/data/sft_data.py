@@ -327,8 +327,8 @@ def build_sft_data(
         staging = storage.staging_dir(root)
         meta: dict[str, Any] = {"seq_len": data.seq_len}
         pad_id = int(load_tokenizer(tokenizer_dir).pad_token_id)
-        for split, conversations in (("train", train), ("eval", held)):
-            tokenized = tokenize_with_ray_data(conversations, tokenizer_dir, template)
+        splits = tokenize_with_ray_data({"train": train, "eval": held}, tokenizer_dir, template)
+        for split, tokenized in splits.items():
             rows, dropped = build_rows(tokenized, data.seq_len, data.packing, pad_id)
             if not rows:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -362,20 +362,26 @@ class TokenizeConversations:
         ]
         return {
             "position": batch["position"],
+            "split": batch["split"],
             "input_ids": np.array([p[0] for p in pairs] + [None], dtype=object)[:-1],
             "labels": np.array([p[1] for p in pairs] + [None], dtype=object)[:-1],
         }
 
 
 def tokenize_with_ray_data(
-    conversations: list[Conversation], tokenizer_dir: str, template: str
-) -> list[tuple[list[int], list[int]]]:
-    """Tokenize in parallel with Ray Data; results come back in the input order."""
+    splits: dict[str, list[Conversation]], tokenizer_dir: str, template: str
+) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Tokenize every split in one Ray Data pass (one tokenizer actor to start, not one per
+    split); each split's results come back in its input order."""
     import ray.data
 
     from fmray.data.pipeline import DATA_TASK_CPUS, iter_in_order, map_on_tokenizer_actor
 
-    items = [{"position": i, "conversation": json.dumps(c)} for i, c in enumerate(conversations)]
+    items = [
+        {"position": i, "split": name, "conversation": json.dumps(c)}
+        for name, conversations in splits.items()
+        for i, c in enumerate(conversations)
+    ]
     tokenized = map_on_tokenizer_actor(
         ray.data.from_items(items),
         TokenizeConversations,
@@ -383,12 +389,13 @@ def tokenize_with_ray_data(
         batch_size=256,
         num_cpus=DATA_TASK_CPUS,
     )
-    pairs: list[tuple[list[int], list[int]]] = [([], [])] * len(conversations)
+    empty: tuple[list[int], list[int]] = ([], [])
+    pairs = {name: [empty] * len(conversations) for name, conversations in splits.items()}
     for batch in iter_in_order(tokenized):
-        for position, ids, labels in zip(
-            batch["position"], batch["input_ids"], batch["labels"], strict=True
+        for name, position, ids, labels in zip(
+            batch["split"], batch["position"], batch["input_ids"], batch["labels"], strict=True
         ):
-            pairs[int(position)] = (list(ids), list(labels))
+            pairs[str(name)][int(position)] = (list(ids), list(labels))
     return pairs
 
 

@@ -67,6 +67,10 @@ class SchedulerSection(Section):
     """PBT: steps per segment; each segment ends in a checkpoint and an exploit/explore step."""
     quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)
     """PBT: trials in the bottom fraction clone one in the top fraction."""
+    synch: bool = False
+    """PBT: perturb only once every trial has reached the same interval, so clones always come
+    from the same step (reproducible); by default a fast trial runs ahead and a slow one may
+    clone its final checkpoint."""
 
 
 class TuneLoggingSection(Section):
@@ -220,6 +224,7 @@ def build_scheduler(config: TuneConfig, space: dict[str, Distribution], max_step
             perturbation_interval=scheduler.perturbation_interval,
             hyperparam_mutations={key: d.to_tune() for key, d in space.items()},
             quantile_fraction=scheduler.quantile_fraction,
+            synch=scheduler.synch,
         )
     return FIFOScheduler()
 

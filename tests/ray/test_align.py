@@ -1,8 +1,8 @@
 """Reward model and DPO on the local Ray cluster, from the session's SFT model (`sft_run`), on
 the built-in preference pairs: both learn the held-out preferences with ZeRO-3 on 2 workers, the
-reward model's export scores in stock transformers outside Ray, and a DPO run with its reference
-scores precomputed ends as the uninterrupted run (with `make test-faults`, also when a worker is
-SIGKILLed after a checkpoint)."""
+reward model's export scores in stock transformers outside Ray; with `make test-faults`, a DPO run
+with its reference scores precomputed and a worker SIGKILLed after a checkpoint ends as the
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -111,26 +111,24 @@ def test_dpo_learns_heldout_preferences(dpo_run: Any) -> None:
     assert (checkpoint / "hf" / "chat_template.jinja").is_file()
 
 
-@pytest.mark.parametrize("kill", [False, pytest.param(True, marks=pytest.mark.faults)])
-def test_precomputed_reference_equals_the_uninterrupted_run(
-    kill: bool, dpo_run: Any, sft_model: Path, tmp_path: Path
+@pytest.mark.faults  # a second DPO fit: `make test-faults` (the unit tier checks precompute)
+def test_precomputed_reference_survives_a_killed_worker_as_the_uninterrupted_run(
+    dpo_run: Any, sft_model: Path, tmp_path: Path
 ) -> None:
-    """DPO with its reference log-probs computed once before training ends as the run that
-    keeps the reference model; with `make test-faults`, also with a worker SIGKILLed after the
-    step-30 checkpoint (the group restarts from it and computes them again)."""
+    """DPO with its reference log-probs computed once, and a worker SIGKILLed after the step-30
+    checkpoint (the group restarts from it and computes them again), ends as the run that keeps
+    the reference model. tests/unit/test_preference.py checks the precomputed scores row by row
+    against the in-run reference, from a resumed step too."""
     tree = align_tree(sft_model, tmp_path, "dpo", **DPO)
     tree["dpo"] = {"precompute_reference": True}
+    tree["scaling"]["max_failures"] = 1
     killed: list[int] = []
-    killer = None
-    if kill:
-        tree["scaling"]["max_failures"] = 1
-        first = tmp_path / "dpo" / "checkpoint_00000030"
-        killer = threading.Thread(target=kill_a_worker_after, args=(first, killed))
-        killer.start()
+    first = tmp_path / "dpo" / "checkpoint_00000030"
+    killer = threading.Thread(target=kill_a_worker_after, args=(first, killed))
+    killer.start()
     result = dpo.run(validate_config(dpo.DPOConfig, tree))
-    if killer is not None:
-        killer.join()
-        assert killed, "no training worker was found to kill"
+    killer.join()
+    assert killed, "no training worker was found to kill"
     assert result.error is None and result.metrics["step"] == 60
     reference_dir = Path(dpo_run.checkpoint.path).parent
     assert losses_of(tmp_path / "dpo") == pytest.approx(losses_of(reference_dir), abs=1e-5)

@@ -97,7 +97,14 @@ def test_pbt_runs_trials_in_segments_that_resume_from_checkpoints(
         overrides={"train.max_steps": 6, "train.eval_every": 2},
         search_space={"train.lr": "choice([3e-3, 1e-5])"},
         num_samples=2,
-        scheduler={"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5},
+        # Synchronous: a trial that ran ahead and finished would leave the other nothing to
+        # resume (it would clone the final checkpoint), which the loaded suite made happen.
+        scheduler={
+            "name": "pbt",
+            "perturbation_interval": 2,
+            "quantile_fraction": 0.5,
+            "synch": True,
+        },
         max_concurrent_trials=0,
     )
     search.run(config)

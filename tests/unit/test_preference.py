@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,3 +257,73 @@ def test_bad_records_stop_the_cli_before_ray_starts(
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error == f"data error: {bad}:2: field 'chosen' is an empty reply"
+
+
+# ----------------------------------------------------------------- precomputed reference
+
+
+class FakeShard:
+    """A rank's dataset shard: `iter_batches` over its rows in order, as Ray Data gives them."""
+
+    def __init__(self, rows: dict[str, np.ndarray]) -> None:
+        self.rows = rows
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        assert batch_format == "numpy"
+        for start in range(0, len(self.rows["index"]), batch_size):
+            yield {name: values[start : start + batch_size] for name, values in self.rows.items()}
+
+
+@pytest.mark.parametrize("rank,world,start_step", [(0, 1, 0), (1, 2, 3)])
+def test_precomputed_reference_scores_each_row_once_and_equals_the_in_run_reference(
+    rank: int, world: int, start_step: int
+) -> None:
+    """`dpo.precompute_reference`: one pass over the rank's epoch (from a resumed step too)
+    scores every pair it reads by row index, leaves the batch iterator where it was, and the
+    DPO losses of the following steps equal those with the reference model kept."""
+    from fmray.data.pipeline import iter_train_batches, rank_block_indices
+    from fmray.models.registry import build_causal_lm
+    from fmray.train.dpo import policy_logps, precompute_reference, reference_logps
+
+    micro, accum, seq_len, num_rows = 2, 2, 12, 20
+    global_batch = micro * accum * world
+    steps_per_epoch = num_rows // global_batch
+    generator = torch.Generator().manual_seed(rank)
+    mine = list(rank_block_indices(rank, world, micro, 0, steps_per_epoch * global_batch))
+    rows: dict[str, np.ndarray] = {"index": np.array(mine)}
+    for side in ("chosen", "rejected"):
+        ids = torch.randint(3, 64, (len(mine), seq_len), generator=generator)
+        labels = ids.clone()
+        labels[:, :5] = -100  # the prompt
+        rows[f"{side}_input_ids"], rows[f"{side}_labels"] = ids.numpy(), labels.numpy()
+    torch.manual_seed(0)
+    policy = build_causal_lm("tiny", None, 64).eval()
+    torch.manual_seed(1)
+    reference = build_causal_lm("tiny", None, 64).eval()
+    columns = (*PAIR_COLUMNS, "index")
+
+    def batches():
+        shard = FakeShard(rows)
+        return iter_train_batches(
+            shard, rank, world, micro, start_step, global_batch, num_rows, seq_len, columns
+        )
+
+    cpu = torch.device("cpu")
+    with_precompute = batches()
+    scores = precompute_reference(
+        None, reference, with_precompute, steps_per_epoch * accum, cpu, False
+    )
+    assert sorted(scores) == mine  # each of this rank's rows once
+    kept = batches()
+    for _ in range(steps_per_epoch * accum + 3):  # past the epoch's end: it cycles
+        expected_rows, got_rows = next(kept), next(with_precompute)
+        np.testing.assert_array_equal(got_rows["index"], expected_rows["index"])
+        in_run = reference_logps(None, reference, expected_rows, cpu, False)
+        stored = torch.stack([scores[int(i)] for i in got_rows["index"]]).T
+        torch.testing.assert_close(stored, in_run, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            scored = policy_logps(policy, got_rows, cpu, False)
+        losses = [
+            dpo_loss(scored[0], scored[1], ref[0], ref[1], 0.1).losses for ref in (stored, in_run)
+        ]
+        torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
