@@ -241,7 +241,16 @@ def rank_datasets(
     # Ray Data's V2 parquet path (file listing + ReadFilesParquetV2 tasks) took 40-90 s per
     # small rank dataset here, starting dozens of worker processes; the V1 reader takes ~2 s.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    base = ray.data.read_parquet(path, num_cpus=DATA_TASK_CPUS, concurrency=DATA_TASK_CONCURRENCY)
+    # One read task per shard file: Ray Data would otherwise split each small file into blocks
+    # for parallelism (SplitBlocks), which keeps the row filter below from fusing into the read
+    # and starts twice the worker processes, seconds each, before a fit's first step.
+    num_files = sum(name.endswith(".parquet") for name in storage.list_names(path))
+    base = ray.data.read_parquet(
+        path,
+        num_cpus=DATA_TASK_CPUS,
+        concurrency=DATA_TASK_CONCURRENCY,
+        override_num_blocks=max(num_files, 1),
+    )
     return {
         f"{prefix}_rank{rank}": base.map_batches(
             keep_rank_rows,
