@@ -201,7 +201,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         for _ in range(accum):
             rows = next(batches)
             if precomputed is not None:
-                ref = torch.stack([precomputed[int(i)] for i in rows["index"]]).to(device).T
+                ref = stored_reference(precomputed, rows, device)
             else:
                 ref = reference_logps(engine, reference, rows, device, mean_logps)
             policy = policy_logps(engine, rows, device, mean_logps)
@@ -319,6 +319,14 @@ def precompute_reference(
         for column, index in enumerate(rows["index"]):
             scores[int(index)] = ref[:, column]
     return scores
+
+
+def stored_reference(
+    precomputed: dict[int, torch.Tensor], rows: dict[str, np.ndarray], device: Any
+) -> torch.Tensor:
+    """(2, B): the precomputed reference scores of a micro-batch's rows, as `reference_logps`
+    gives them."""
+    return torch.stack([precomputed[int(i)] for i in rows["index"]]).to(device).T
 
 
 def pair_sums(loss: torch.Tensor, terms: Any) -> torch.Tensor:

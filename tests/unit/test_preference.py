@@ -283,7 +283,12 @@ def test_precomputed_reference_scores_each_row_once_and_equals_the_in_run_refere
     DPO losses of the following steps equal those with the reference model kept."""
     from fmray.data.pipeline import iter_train_batches, rank_block_indices
     from fmray.models.registry import build_causal_lm
-    from fmray.train.dpo import policy_logps, precompute_reference, reference_logps
+    from fmray.train.dpo import (
+        policy_logps,
+        precompute_reference,
+        reference_logps,
+        stored_reference,
+    )
 
     micro, accum, seq_len, num_rows = 2, 2, 12, 20
     global_batch = micro * accum * world
@@ -319,7 +324,7 @@ def test_precomputed_reference_scores_each_row_once_and_equals_the_in_run_refere
         expected_rows, got_rows = next(kept), next(with_precompute)
         np.testing.assert_array_equal(got_rows["index"], expected_rows["index"])
         in_run = reference_logps(None, reference, expected_rows, cpu, False)
-        stored = torch.stack([scores[int(i)] for i in got_rows["index"]]).T
+        stored = stored_reference(scores, got_rows, cpu)
         torch.testing.assert_close(stored, in_run, rtol=0, atol=1e-6)
         with torch.no_grad():
             scored = policy_logps(policy, got_rows, cpu, False)
