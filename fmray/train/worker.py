@@ -36,10 +36,12 @@ class Worker:
 def setup_worker(seed: int, use_gpu: bool) -> Worker:
     """Distributed init (nccl on GPU, gloo on CPU; DeepSpeed reuses Ray Train's process group)
     and the same seed on every rank, so fresh weights are identical everywhere."""
-    import deepspeed
     import ray.train
 
+    from fmray.distributed.deepspeed_setup import import_deepspeed
     from fmray.distributed.runtime import seed_everything
+
+    deepspeed = import_deepspeed()
 
     # torch 2.13 deprecates the collectives DeepSpeed's ZeRO-3 calls every step; the warning
     # would flood the console (one per call and rank) with nothing for the user to do.
