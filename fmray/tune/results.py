@@ -4,7 +4,8 @@
     python -c "import csv; print(list(csv.DictReader(open('runs/tune-sft-tiny/results.csv'))))"
 
 A trial's score is the metric of its last evaluation (what ASHA and PBT compare). Steps run are
-read from the trial's own metrics.jsonl, so a trial ASHA stopped counts the steps it really ran.
+read from the trial's own run folders (metrics.jsonl, PBT segments' checkpoints), so a trial ASHA
+stopped counts the steps it really ran.
 The best config is the recipe config of the best trial, renamed so that running it starts a fresh
 run: `fmray <recipe> --config <experiment>/best_config.yaml`.
 """
@@ -20,12 +21,33 @@ from typing import Any
 from fmray.config import dump_config, validate_config
 from fmray.tune.space import Distribution, apply_params
 
+# A PBT trial runs in segments, each a Ray Train run in <trial>/segment-<start step>-<id>.
+SEGMENT_PREFIX = "segment-"
+
+
+def segment_name(start: int, run_id: str) -> str:
+    return f"{SEGMENT_PREFIX}{start:08d}-{run_id}"
+
 
 def steps_run(trial_dir: Path, result: Any) -> int:
-    """Optimizer steps the trial executed (PBT: the sum of its segments)."""
-    frame = result.metrics_dataframe
-    if frame is not None and "segment_steps" in frame:
-        return int(frame["segment_steps"].fillna(0).sum())
+    """Optimizer steps the trial executed, from its own run folders.
+
+    Not from Tune's result.json: Tune copies that file back from the experiment's storage each
+    time a paused trial resumes, and a copy not yet synced there drops the newest results (PBT
+    pauses every trial at every interval). A PBT trial sums its segments, each from the step it
+    started at (its folder's name) to its newest complete checkpoint, the one it reported; a
+    segment re-run after a clone counts again.
+    """
+    from fmray.checkpoint.exporters import checkpoint_records
+
+    segments = [p for p in trial_dir.glob(f"{SEGMENT_PREFIX}*") if p.is_dir()]
+    if segments:
+        total = 0
+        for folder in segments:
+            records = checkpoint_records(str(folder))
+            if records:
+                total += records[-1][0] - int(folder.name.split("-")[1])
+        return total
     logged = [0]
     for path in trial_dir.glob("*/metrics.jsonl"):
         logged += [

@@ -21,6 +21,7 @@ import ray
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from fmray.tune.results import segment_name
 from fmray.tune.space import apply_params
 
 
@@ -109,7 +110,7 @@ def run_pbt_segments(module: Any, config: Any, lineage: dict[str, Any], interval
     start = read_meta(Path(resume_from))["step"] if resume_from else 0
     while start < config.train.max_steps:
         stop = min(start + interval, config.train.max_steps)
-        name = f"segment-{start:08d}-{uuid.uuid4().hex[:6]}"
+        name = segment_name(start, uuid.uuid4().hex[:6])
         segment = config.model_copy(update={"run": config.run.model_copy(update={"name": name})})
         update = {**lineage, "stop_step": stop, "resume_from": resume_from}
         plan = module.prepare_run(segment).model_copy(update=update)

@@ -13,7 +13,7 @@ import pytest
 
 from fmray.config import load_config, validate_config
 from fmray.train.sft import SFTConfig
-from fmray.tune.results import best_row, latest_checkpoint, summarize, trial_row
+from fmray.tune.results import best_row, latest_checkpoint, segment_name, summarize, trial_row
 from fmray.tune.search import TuneConfig
 from fmray.tune.space import parse_search_space
 from tests.conftest import REPO_ROOT
@@ -57,11 +57,20 @@ def test_trial_rows_classify_and_count_the_steps_really_run(tmp_path: Path) -> N
     assert trial_row(FakeResult(str(stopped), {}, config), "val_loss", 20)["status"] == "unfinished"
 
 
-def test_pbt_trials_count_their_segments(tmp_path: Path) -> None:
-    trial = make_trial(tmp_path, "t0", 0, [])
-    frame = pd.DataFrame({"step": [10, 20, 20], "segment_steps": [10, 10, 10]})
-    result = FakeResult(str(trial), {"step": 20, "val_loss": 1.0}, {}, None, frame)
-    assert trial_row(result, "val_loss", 20)["steps"] == 30  # one segment re-run after a clone
+def test_pbt_trials_count_their_segments_from_their_own_folders(tmp_path: Path) -> None:
+    """Segments 0-10 and 10-20, then 10-20 again from a clone: 30 steps. A segment interrupted
+    before its checkpoint adds nothing. Tune's result.json, which can lose rows when a paused
+    trial resumes, is not read: a stale frame of one row changes nothing."""
+    trial = tmp_path / "t0"
+    for start, run_id, step in [(0, "aaaaaa", 10), (10, "bbbbbb", 20), (10, "cccccc", 20)]:
+        ckpt = trial / segment_name(start, run_id) / f"checkpoint_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "fmray.json").write_text(json.dumps({"step": step, "trial_id": "t0"}))
+    (trial / segment_name(20, "dddddd")).mkdir()  # started, killed before a checkpoint
+    stale = pd.DataFrame({"step": [10], "segment_steps": [10]})
+    result = FakeResult(str(trial), {"step": 20, "val_loss": 1.0}, {}, None, stale)
+    row = trial_row(result, "val_loss", 20)
+    assert row["steps"] == 30 and row["status"] == "completed"
 
 
 def test_latest_checkpoint_prefers_the_newest_of_equal_steps(tmp_path: Path) -> None:
