@@ -29,6 +29,11 @@ def segment_name(start: int, run_id: str) -> str:
     return f"{SEGMENT_PREFIX}{start:08d}-{run_id}"
 
 
+def segment_start(name: str) -> int:
+    """The step a segment started at, from its folder's `segment_name`."""
+    return int(name.removeprefix(SEGMENT_PREFIX).split("-")[0])
+
+
 def steps_run(trial_dir: Path, result: Any) -> int:
     """Optimizer steps the trial executed, from its own run folders.
 
@@ -46,7 +51,7 @@ def steps_run(trial_dir: Path, result: Any) -> int:
         for folder in segments:
             records = checkpoint_records(str(folder))
             if records:
-                total += records[-1][0] - int(folder.name.split("-")[1])
+                total += records[-1][0] - segment_start(folder.name)
         return total
     logged = [0]
     for path in trial_dir.glob("*/metrics.jsonl"):
